@@ -1,0 +1,41 @@
+"""`ctxtree ask` answers about a real multi-page text with the default model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+SAMPLE = REPO / "samples" / "GPL-3.txt"
+
+
+def ctxtree(*args, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "ctxtree.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_ask_answers_about_a_real_document(smollm_dir):
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "Who may copy and distribute this license?",
+                  "--max-tokens", "24")
+    assert res.returncode == 0, res.stderr
+    answer = res.stdout.split("A: ", 1)[1].split("\ntimings:", 1)[0].strip()
+    assert len(answer.split()) >= 3, res.stdout
+    assert "time to first token" in res.stdout and "tokens/s" in res.stdout
+    assert "tree build: GPL-3.txt:" in res.stderr and "chunks" in res.stderr
+    # the search report lists, per chunk, h+1 = 4 node ranges inside the document
+    report = [line for line in res.stdout.splitlines() if line.strip().startswith("GPL-3.txt chunk")]
+    assert len(report) == 8 and all(line.count("-") >= 4 for line in report)
+
+
+def test_ask_reports_bad_input_clearly(tmp_path):
+    missing = ctxtree("ask", "--doc", str(tmp_path / "nope.txt"), "--question", "x")
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    res = ctxtree("ask", "--doc", str(empty), "--question", "What?")
+    assert res.returncode == 2 and "document is empty" in res.stderr
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "x", "--keep", "0")
+    assert res.returncode == 2 and "keep (p) must be >= 1" in res.stderr

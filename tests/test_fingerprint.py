@@ -1,0 +1,43 @@
+"""The model fingerprint and weight digests are the same in every process and change
+with anything that changes a tree's bytes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from kernels.fingerprint import model_fingerprint
+from kernels.tree import TreeConfig
+from kernels.weights import load_llama
+from tests.conftest import REPO, save_tiny
+
+SCRIPT = """
+import sys
+from ctxtree.runtime import load_runtime
+from kernels.tree import TreeConfig
+rt = load_runtime(__import__("pathlib").Path(sys.argv[1]), TreeConfig(n_layers=2))
+print(rt.fingerprint)
+"""
+
+
+def test_same_fingerprint_in_processes_with_different_hash_seeds(smollm_dir):
+    outs = []
+    for seed in ("1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        res = subprocess.run([sys.executable, "-c", SCRIPT, str(smollm_dir)], env=env, capture_output=True,
+                             text=True, timeout=300, check=True)
+        outs.append(res.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1] and len(outs[0]) == 64
+
+
+def test_fingerprint_changes_with_weights_tokenizer_and_config(tmp_path):
+    _, d0 = load_llama(save_tiny(tmp_path / "a", seed=0))
+    _, d0_again = load_llama(save_tiny(tmp_path / "b", seed=0))
+    _, d1 = load_llama(save_tiny(tmp_path / "c", seed=1))
+    assert d0 == d0_again and d0 != d1
+    base = model_fingerprint(d0, "tok", TreeConfig())
+    assert base == model_fingerprint(d0, "tok", TreeConfig())
+    assert len({base, model_fingerprint(d1, "tok", TreeConfig()), model_fingerprint(d0, "tok2", TreeConfig()),
+                model_fingerprint(d0, "tok", TreeConfig(keep=16)),
+                model_fingerprint(d0, "tok", TreeConfig(codec="fp16"))}) == 5

@@ -1,0 +1,104 @@
+"""The injection decoder: identity at init, context-dependent once trained, and
+independent of how requests are batched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.generate import SamplingConfig, generate, left_pad
+from kernels.inject import AdapterError, InjectionDecoder, batch_context, load_adapter, save_adapter
+from kernels.tree import TreeConfig, build_tree, search
+
+CFG = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
+
+
+def make_trees(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [build_tree(model, torch.randint(3, 97, (n,), generator=g), CFG) for n in lengths]
+
+
+def trained(model, seed=0) -> InjectionDecoder:
+    """A decoder with non-zero injection weights, as training would leave it."""
+    dec = InjectionDecoder(model, 2)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in dec.cross_attn:
+            block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=g) * 0.2)
+    return dec.eval()
+
+
+def request(dec, trees, q_seed=0):
+    selections = [search(t, torch.randn(64, generator=torch.Generator().manual_seed(q_seed))) for t in trees]
+    return dec.request_kv(trees, selections)
+
+
+def test_untrained_decoder_equals_base_model_exactly(tiny_model):
+    dec = InjectionDecoder(tiny_model, 2).eval()
+    trees = make_trees(tiny_model, [100, 45])
+    ctx = batch_context([request(dec, trees)])
+    ids = torch.randint(3, 97, (1, 20))
+    pos = torch.arange(20)[None]
+    assert torch.equal(dec(ids, pos, context=ctx), tiny_model(ids, pos))
+
+
+def test_trained_output_depends_on_the_injected_kv(tiny_model):
+    dec = trained(tiny_model)
+    ids, pos = torch.randint(3, 97, (1, 20)), torch.arange(20)[None]
+    a = dec(ids, pos, context=batch_context([request(dec, make_trees(tiny_model, [100], seed=1))]))
+    b = dec(ids, pos, context=batch_context([request(dec, make_trees(tiny_model, [100], seed=2))]))
+    assert (a - b).abs().max() > 1e-3
+    assert (a - tiny_model(ids, pos)).abs().max() > 1e-3
+    # chunk-level RoPE changes what the decoder sees; "none" is a different model
+    dec_none = trained(tiny_model)
+    dec_none.cross_rope = "none"
+    trees = make_trees(tiny_model, [100], seed=1)
+    c = dec_none(ids, pos, context=batch_context([request(dec_none, trees)]))
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model):
+    dec = trained(tiny_model)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
+    contexts = [request(dec, make_trees(tiny_model, [100, 45], seed=3)),
+                request(dec, make_trees(tiny_model, [20], seed=4), q_seed=1),
+                request(dec, [])]                       # a request with no documents at all
+    batch = left_pad(prompts)
+    together = dec(batch.input_ids, batch.positions, batch.token_valid, context=batch_context(contexts))
+    for row, (p, kv) in enumerate(zip(prompts, contexts)):
+        alone = dec(torch.tensor([p]), torch.arange(len(p))[None], context=batch_context([kv]))
+        torch.testing.assert_close(together[row, -len(p):], alone[0], atol=1e-5, rtol=1e-5)
+    # the request without documents is exactly the base model
+    torch.testing.assert_close(together[2, -5:], tiny_model(torch.tensor([prompts[2]]), torch.arange(5)[None])[0],
+                               atol=1e-5, rtol=1e-5)
+    # generation: the same tokens batched and alone (greedy and seeded sampling)
+    for sampling in (SamplingConfig(max_tokens=8), SamplingConfig(max_tokens=8, temperature=0.8, top_p=0.9)):
+        gens = [torch.Generator().manual_seed(10 + r) for r in range(3)]
+        batched = list(zip(*generate(dec, prompts, batch_context(contexts), sampling, generators=gens)))
+        for row, (p, kv) in enumerate(zip(prompts, contexts)):
+            alone = [s[0] for s in generate(dec, [p], batch_context([kv]), sampling,
+                                            generators=[torch.Generator().manual_seed(10 + row)])]
+            assert list(batched[row]) == alone
+
+
+def test_padding_of_the_context_does_not_matter(tiny_model):
+    dec = trained(tiny_model)
+    kv = request(dec, make_trees(tiny_model, [60], seed=5))
+    longer = request(dec, make_trees(tiny_model, [200], seed=6))
+    ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]
+    alone = dec(ids, pos, context=batch_context([kv]))
+    padded = dec(ids.repeat(2, 1), pos.repeat(2, 1), context=batch_context([kv, longer]))
+    assert kv[0].shape[2] < longer[0].shape[2]
+    torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_round_trip_and_refusal(tiny_model, tmp_path):
+    dec = trained(tiny_model, seed=9)
+    save_adapter(dec, tmp_path / "ad", "digest-a", {"tree_config": CFG.to_dict()})
+    back = load_adapter(tiny_model, tmp_path / "ad", "digest-a")
+    for k, v in dec.adapter_state().items():
+        assert torch.equal(back.adapter_state()[k], v)
+    with pytest.raises(AdapterError, match="trained for base weights"):
+        load_adapter(tiny_model, tmp_path / "ad", "digest-b")
+    with pytest.raises(AdapterError, match="not an adapter directory"):
+        load_adapter(tiny_model, tmp_path, "digest-a")

@@ -1,0 +1,137 @@
+"""Chunking, node layout, kept positions and search follow method.md §2-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.compressor import compress_nodes
+from kernels.tree import (ContextTree, TreeConfig, build_tree, chunk_bounds, gather_nodes, keep_per_node,
+                          kept_positions, node_spans, search)
+
+
+@pytest.mark.parametrize("n_tokens,chunk_len", [(1, 4), (1024, 1024), (1025, 1024), (5000, 512), (37, 8)])
+def test_every_token_in_exactly_one_chunk(n_tokens, chunk_len):
+    bounds = chunk_bounds(n_tokens, chunk_len)
+    covered = [t for s, e in bounds for t in range(s, e)]
+    assert covered == list(range(n_tokens))
+    assert all(e - s == chunk_len for s, e in bounds[:-1]) and 1 <= bounds[-1][1] - bounds[-1][0] <= chunk_len
+
+
+@pytest.mark.parametrize("length,height", [(1024, 3), (1000, 3), (513, 2), (7, 3), (1, 3), (130, 4)])
+def test_node_layout_halves_each_node(length, height):
+    spans = node_spans(length, height)
+    assert len(spans) == 2 ** (height + 1) - 1 and spans[0] == (0, length)
+    for i in range(2 ** height - 1):
+        (s, e), left, right = spans[i], spans[2 * i + 1], spans[2 * i + 2]
+        assert left == (s, s + (e - s) // 2) and right == (s + (e - s) // 2, e)
+    for w in range(height + 1):  # each level tiles the chunk
+        level = spans[2 ** w - 1: 2 ** (w + 1) - 1]
+        assert [t for s, e in level for t in range(s, e)] == list(range(length))
+
+
+def test_kept_positions_match_method():
+    # L=1024, p=32: 32 positions per node, the last token of each window
+    assert kept_positions(512, 32) == [(j + 1) * 16 - 1 for j in range(32)]
+    assert kept_positions(128, 32) == [(j + 1) * 4 - 1 for j in range(32)]
+    assert kept_positions(20, 32) == list(range(20))  # shorter than p: keep all
+    assert kept_positions(100, 7) == [(j + 1) * 100 // 7 - 1 for j in range(7)]
+    cfg = TreeConfig(chunk_len=1024, keep=32)
+    assert keep_per_node(1024, cfg) == 32
+    assert keep_per_node(512, cfg) == 16   # a half-length last chunk keeps the same ratios
+    assert keep_per_node(10, cfg) == 1     # but at least one position per node
+    cfg = TreeConfig(chunk_len=512, keep=16, height=2)
+    assert keep_per_node(512, cfg) == 16 and keep_per_node(300, cfg) == 9
+
+
+@pytest.mark.parametrize("n_tokens,chunk_len,height,keep", [(64, 32, 3, 4), (75, 32, 3, 4), (67, 32, 2, 8),
+                                                            (40, 16, 3, 2), (33, 32, 3, 4), (19, 16, 3, 4)])
+def test_built_tree_keeps_the_right_positions(tiny_model, n_tokens, chunk_len, height, keep):
+    cfg = TreeConfig(n_layers=2, chunk_len=chunk_len, height=height, keep=keep, codec="fp32")
+    ids = torch.randint(3, 97, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+    tree = build_tree(tiny_model, ids, cfg, max_batch_tokens=40)
+    bounds = chunk_bounds(n_tokens, chunk_len)
+    assert tree.chunk_lengths == [e - s for s, e in bounds] and tree.n_tokens == n_tokens
+    counts = tree.node_counts()
+    for c, (cs, ce) in enumerate(bounds):
+        spans = node_spans(ce - cs, height)[1:]
+        k = keep_per_node(ce - cs, cfg)
+        for j, (s, e) in enumerate(spans):
+            want = kept_positions(e - s, k) if e > s else []
+            assert counts[c, j] == len(want)
+            if not want:
+                assert not tree.routes[c, j].any()
+                continue
+            ref = compress_nodes(tiny_model, [ids[cs + s:cs + e]], 2)
+            lo = int(tree.node_offsets[c * cfg.n_nodes + j])
+            for i in range(2):
+                torch.testing.assert_close(tree.keys[i][:, lo:lo + len(want)], ref.keys[i][0][:, want])
+                torch.testing.assert_close(tree.values[i][:, lo:lo + len(want)], ref.values[i][0][:, want])
+            torch.testing.assert_close(tree.routes[c, j], ref.routes[0])
+
+
+def test_full_chunk_sizes_match_method(tiny_model):
+    cfg = TreeConfig(n_layers=1, chunk_len=1024, height=3, keep=32)
+    tree = build_tree(tiny_model, torch.randint(3, 97, (1024,)), cfg)
+    assert tree.config.n_nodes == 14 and tree.keys.shape[2] == 448  # 0.4375 per token
+    assert tree.keys.dtype == torch.bfloat16
+
+
+def synthetic_tree(routes: torch.Tensor, height: int, counts: torch.Tensor | None = None) -> ContextTree:
+    c, n, d = routes.shape
+    cfg = TreeConfig(n_layers=1, chunk_len=64, height=height, keep=2, codec="fp32")
+    counts = counts if counts is not None else torch.full((c, n), 2)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.reshape(-1).cumsum(0)])
+    p = int(offsets[-1])
+    keys = torch.arange(p, dtype=torch.float32).view(1, 1, p, 1).expand(1, 1, p, 2).clone()
+    return ContextTree(cfg, [64] * c, 0, keys, keys.clone(), routes, offsets)
+
+
+def test_search_descends_toward_the_query_per_chunk():
+    # h=3: nodes 1,2 (level 1), 3..6 (level 2), 7..14 (level 3); routes are one-hot "directions"
+    d = 16
+    routes = torch.zeros(2, 14, d)
+    for node in range(1, 15):
+        routes[:, node - 1, node] = 1.0
+    q = torch.zeros(d)
+    q[[2, 5]] = 1.0   # closest: node 2 at level 1, then node 5 (left child of 2) at level 2
+    # chunk 1 prefers the other way: its own routes make node 1 and node 4 closer
+    routes[1, 0] = q * 2 + 0.1
+    routes[1, 3] = q * 2 + 0.1
+    tree = synthetic_tree(routes, 3)
+    sel = search(tree, q, "query")
+    assert sel[0].tolist() == [1, 6, 11, 12]   # inject sibling 1, sibling 6, both children of 5
+    assert sel[1].tolist() == [2, 3, 9, 10]    # its own pairs: chose 1, then 4 -> children 9, 10
+    right = search(tree, q, "right")
+    assert right.tolist() == [[1, 5, 13, 14]] * 2
+
+
+def test_search_never_chooses_an_empty_child():
+    routes = torch.randn(1, 6, 8)
+    counts = torch.tensor([[0, 2, 0, 0, 1, 1]])   # node 1 empty (and its children 3, 4)
+    tree = synthetic_tree(routes, 2, counts)
+    q = routes[0, 0].clone()                       # the empty node's route is "closest"
+    sel = search(tree, q, "query")
+    assert sel.tolist() == [[1, 5, 6]]
+
+
+def test_gather_returns_each_selected_nodes_positions():
+    routes = torch.randn(2, 6, 4)
+    tree = synthetic_tree(routes, 2)
+    sel = torch.tensor([[1, 5, 6], [2, 3, 4]])
+    k, v, chunk = gather_nodes(tree, sel)
+    # node j of chunk c owns positions (c*6 + j-1)*2 .. +2
+    want = [(c * 6 + j - 1) * 2 + t for c in range(2) for j in sel[c].tolist() for t in range(2)]
+    assert k[0, 0, :, 0].long().tolist() == want
+    assert chunk.tolist() == [0] * 6 + [1] * 6
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="codec"):
+        TreeConfig(codec="int3")
+    with pytest.raises(ValueError, match="height"):
+        TreeConfig(height=0)
+    with pytest.raises(ValueError, match="unknown tree config keys"):
+        TreeConfig.from_dict({"n_layers": 4, "bogus": 1})
+    with pytest.raises(ValueError, match="policy"):
+        search(synthetic_tree(torch.randn(1, 6, 4), 2), torch.randn(4), "left")
