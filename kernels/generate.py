@@ -9,7 +9,7 @@ whether it runs alone or in a batch. Temperature 0 is greedy for any seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -92,10 +92,13 @@ def sample(logits: Tensor, cfg: SamplingConfig, generators: list[torch.Generator
 
 def generate(decoder: InjectionDecoder, prompts: list[list[int]], context: InjectedContext | None,
              cfg: SamplingConfig, stop_ids: tuple[int, ...] = (),
-             generators: list[torch.Generator] | None = None) -> Iterator[list[int | None]]:
+             generators: list[torch.Generator] | None = None,
+             on_step: Callable[[list[int | None]], None] | None = None) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token (None once that row has stopped).
 
     A row stops after emitting a stop id (which is yielded) or max_tokens tokens.
+    on_step, if given, is called with each step's tokens before it is yielded (a
+    streaming callback for callers that drain the generator elsewhere).
     """
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
@@ -109,7 +112,10 @@ def generate(decoder: InjectionDecoder, prompts: list[list[int]], context: Injec
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
     for step in range(cfg.max_tokens):
         tokens = sample(logits, cfg, generators)
-        yield [None if done[r] else int(tokens[r]) for r in range(b)]
+        step_tokens = [None if done[r] else int(tokens[r]) for r in range(b)]
+        if on_step is not None:
+            on_step(step_tokens)
+        yield step_tokens
         done |= torch.isin(tokens, stops)
         if bool(done.all()) or step == cfg.max_tokens - 1:
             return

@@ -231,9 +231,12 @@ class Llama(nn.Module):
         if cache is not None:
             if start + t > cache.capacity:
                 raise ValueError(f"KV cache overflow: {start + t} tokens > capacity {cache.capacity}")
+            all_valid = token_valid is None or bool(token_valid.all())
             if token_valid is None:
                 token_valid = torch.ones(b, t, dtype=torch.bool, device=device)
             cache.valid[:, start:start + t] = token_valid
+            if start == 0 and all_valid:
+                return None  # unpadded prefill: plain causal attention (SDPA's fast path) is exact
             key_valid = cache.valid[:, :start + t]
         else:
             if start == 0 and bool(token_valid.all()):

@@ -31,6 +31,13 @@ def test_stops_at_eos_and_at_max_tokens(tiny_model):
     assert stopped == free[: free.index(stop) + 1]
 
 
+def test_streaming_callback_sees_every_step(tiny_model):
+    seen = []
+    steps = list(generate(InjectionDecoder(tiny_model, 1), [[9, 10], [11]], None, SamplingConfig(max_tokens=5),
+                          on_step=seen.append))
+    assert seen == steps and len(steps) == 5 and all(len(s) == 2 for s in steps)
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     cfg = SamplingConfig(temperature=1.0, top_p=0.7)

@@ -1,0 +1,261 @@
+"""The tree store: context trees in a local directory or in S3-compatible object
+storage, through one code path (pyarrow filesystems).
+
+Layout under the store root (design.md "Contracts"):
+
+    ids/<h[:2]>/<h>.json                     h = sha256(document id): {doc_id, key, fingerprint}
+    <fingerprint>/manifests/<k[:2]>/<k>.json  k = document key (content address)
+    <fingerprint>/trees/<k[:2]>/<k>/<first chunk, 8 digits>.ctt   tree objects (shards)
+
+Write order is the commit protocol: shards, then the manifest (sizes and sha256 of
+every shard), then the id pointer. A reader only ever starts from a manifest or a
+pointer, so a crash at any point leaves no half-written document visible; shards
+without a manifest are orphans a later run overwrites. Document ids are hashed
+into keys, so no id can address an object outside the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from kernels.tree import ContextTree, concat_trees
+from kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard
+
+MANIFEST_VERSION = 1
+
+
+class StoreError(Exception):
+    """Base of the store's errors."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Corrupt(StoreError):
+    """An object whose bytes do not match what its manifest recorded, or do not parse."""
+
+
+class FingerprintMismatch(StoreError):
+    """The document was compressed under another model fingerprint."""
+
+
+def document_key(text: str, fingerprint: str) -> str:
+    """Content address of a document's trees: sha256 of its text and the fingerprint.
+    Identical in every process and on every machine (no Python hash())."""
+    text_digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(f"ctxtree-doc-v1|{fingerprint}|{text_digest}".encode()).hexdigest()
+
+
+def _id_hash(doc_id: str) -> str:
+    return hashlib.sha256(doc_id.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    name: str
+    chunk_start: int
+    chunk_end: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    doc_id: str
+    key: str
+    fingerprint: str
+    n_tokens: int
+    n_chunks: int
+    tree_config: dict
+    shards: tuple[ShardRecord, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> bytes:
+        doc = {"format": "ctxtree-manifest", "version": MANIFEST_VERSION, **asdict(self),
+               "shards": [asdict(s) for s in self.shards]}
+        return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, name: str) -> "Manifest":
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != "ctxtree-manifest" or doc.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"not a version-{MANIFEST_VERSION} ctxtree manifest")
+            shards = tuple(ShardRecord(**s) for s in doc["shards"])
+            m = cls(doc_id=doc["doc_id"], key=doc["key"], fingerprint=doc["fingerprint"],
+                    n_tokens=int(doc["n_tokens"]), n_chunks=int(doc["n_chunks"]),
+                    tree_config=doc["tree_config"], shards=shards)
+        except (ValueError, KeyError, TypeError) as e:
+            raise Corrupt(f"{name}: malformed manifest: {e}") from e
+        covered = [c for s in shards for c in range(s.chunk_start, s.chunk_end)]
+        if covered != list(range(m.n_chunks)):
+            raise Corrupt(f"{name}: shards do not cover chunks 0..{m.n_chunks - 1} exactly once")
+        return m
+
+
+class ObjectStore:
+    """A few typed verbs over a pyarrow filesystem: put, get, head, list, delete."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        parsed = urlparse(uri)
+        if parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise ValueError(f"store URI {uri!r} has no bucket")
+            endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            kwargs: dict = {}
+            if endpoint:
+                ep = urlparse(endpoint)
+                kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            self.fs = pafs.S3FileSystem(region=region, **kwargs)
+            self.root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+            self.local = False
+        elif parsed.scheme in ("", "file"):
+            path = os.path.abspath(parsed.path if parsed.scheme == "file" else uri)
+            os.makedirs(path, exist_ok=True)
+            self.fs = pafs.LocalFileSystem()
+            self.root = path
+            self.local = True
+        else:
+            raise ValueError(f"unsupported store URI {uri!r}: use a local path, file://... or s3://bucket/prefix")
+        self.uri = uri
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write an object whole. Local writes go through a temporary name and a rename,
+        so a reader never sees a partial object (an S3 PUT is atomic by itself)."""
+        path = self._path(key)
+        if self.local:
+            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, path)
+        else:
+            with self.fs.open_output_stream(path) as f:
+                f.write(data)
+
+    def get(self, key: str) -> bytes:
+        try:
+            # open_input_file (random access) is far faster than a streamed readall on S3
+            with self.fs.open_input_file(self._path(key)) as f:
+                return f.read()
+        except FileNotFoundError as e:
+            raise NotFound(f"{self.uri}: no object {key}") from e
+
+    def head(self, key: str) -> int:
+        info = self.fs.get_file_info(self._path(key))
+        if info.type != pafs.FileType.File:
+            raise NotFound(f"{self.uri}: no object {key}")
+        return info.size
+
+    def exists(self, key: str) -> bool:
+        return self.fs.get_file_info(self._path(key)).type == pafs.FileType.File
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Keys of all objects under prefix (a 'directory'), temporary files excluded."""
+        selector = pafs.FileSelector(self._path(prefix.rstrip("/")), recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            if info.type == pafs.FileType.File and ".tmp-" not in info.base_name:
+                yield info.path[len(self.root) + 1:]
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.delete_file(self._path(key))
+        except FileNotFoundError as e:
+            raise NotFound(f"{self.uri}: no object {key}") from e
+
+
+class TreeStore:
+    def __init__(self, uri: str, endpoint_url: str | None = None):
+        self.objects = ObjectStore(uri, endpoint_url)
+
+    # ---- keys ----------------------------------------------------------------------
+    @staticmethod
+    def manifest_key(fingerprint: str, key: str) -> str:
+        return f"{fingerprint}/manifests/{key[:2]}/{key}.json"
+
+    @staticmethod
+    def shard_key(fingerprint: str, key: str, first_chunk: int) -> str:
+        return f"{fingerprint}/trees/{key[:2]}/{key}/{first_chunk:08d}.ctt"
+
+    @staticmethod
+    def id_key(doc_id: str) -> str:
+        h = _id_hash(doc_id)
+        return f"ids/{h[:2]}/{h}.json"
+
+    # ---- writing ---------------------------------------------------------------------
+    def write_shard(self, key: str, shard: TreeShard) -> ShardRecord:
+        data = encode_shard(shard)
+        name = self.shard_key(shard.fingerprint, key, shard.tree.first_chunk)
+        self.objects.put(name, data)
+        return ShardRecord(name=name, chunk_start=shard.tree.first_chunk,
+                           chunk_end=shard.tree.first_chunk + shard.tree.n_chunks,
+                           bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+    def commit(self, manifest: Manifest) -> None:
+        """Make a document visible: its manifest, then its id pointer (shards must exist)."""
+        for s in manifest.shards:
+            if self.objects.head(s.name) != s.bytes:
+                raise Corrupt(f"shard {s.name} is not the {s.bytes} bytes the manifest records")
+        self.objects.put(self.manifest_key(manifest.fingerprint, manifest.key), manifest.to_json())
+        pointer = {"doc_id": manifest.doc_id, "key": manifest.key, "fingerprint": manifest.fingerprint}
+        self.objects.put(self.id_key(manifest.doc_id), json.dumps(pointer, sort_keys=True).encode())
+
+    # ---- reading ---------------------------------------------------------------------
+    def is_committed(self, fingerprint: str, key: str) -> bool:
+        return self.objects.exists(self.manifest_key(fingerprint, key))
+
+    def manifest(self, doc_id: str, fingerprint: str | None = None) -> Manifest:
+        """The committed manifest of a document id; FingerprintMismatch if it was built
+        under another fingerprint than the one given."""
+        name = self.id_key(doc_id)
+        try:
+            pointer = json.loads(self.objects.get(name))
+            key, fp = pointer["key"], pointer["fingerprint"]
+        except NotFound:
+            raise NotFound(f"unknown document {doc_id!r}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise Corrupt(f"{name}: malformed id pointer: {e}") from e
+        if fingerprint is not None and fp != fingerprint:
+            raise FingerprintMismatch(f"document {doc_id!r} was compressed under model fingerprint {fp[:16]}..., "
+                                      f"this decoder has {fingerprint[:16]}...: recompress it with this model")
+        mname = self.manifest_key(fp, key)
+        manifest = Manifest.from_json(self.objects.get(mname), mname)
+        if manifest.doc_id != doc_id:
+            raise Corrupt(f"{mname}: manifest is for {manifest.doc_id!r}, pointer says {doc_id!r}")
+        return manifest
+
+    def load_tree(self, manifest: Manifest) -> ContextTree:
+        """All shards of a committed document, checksums verified against the manifest."""
+        parts = []
+        for s in manifest.shards:
+            data = self.objects.get(s.name)
+            if len(data) != s.bytes or hashlib.sha256(data).hexdigest() != s.sha256:
+                raise Corrupt(f"{s.name}: {len(data)} bytes with a checksum that does not match its manifest")
+            try:
+                shard = decode_shard(data, s.name)
+            except CorruptTreeError as e:
+                raise Corrupt(str(e)) from e
+            if shard.fingerprint != manifest.fingerprint or shard.tree.first_chunk != s.chunk_start:
+                raise Corrupt(f"{s.name}: header does not match its manifest")
+            parts.append(shard.tree)
+        return concat_trees(parts)
+
+    def document_ids(self) -> Iterator[str]:
+        for name in self.objects.list("ids"):
+            yield json.loads(self.objects.get(name))["doc_id"]
