@@ -16,6 +16,7 @@ into keys, so no id can address an object outside the store.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -213,8 +214,20 @@ class TreeStore:
             if self.objects.head(s.name) != s.bytes:
                 raise Corrupt(f"shard {s.name} is not the {s.bytes} bytes the manifest records")
         self.objects.put(self.manifest_key(manifest.fingerprint, manifest.key), manifest.to_json())
-        pointer = {"doc_id": manifest.doc_id, "key": manifest.key, "fingerprint": manifest.fingerprint}
-        self.objects.put(self.id_key(manifest.doc_id), json.dumps(pointer, sort_keys=True).encode())
+        self.point(manifest.doc_id, manifest.fingerprint, manifest.key)
+
+    def point(self, doc_id: str, fingerprint: str, key: str) -> bool:
+        """Let doc_id name the committed trees `key` (identical texts share one copy).
+        Returns False, writing nothing, when it already does: a re-run is a no-op."""
+        pointer = json.dumps({"doc_id": doc_id, "key": key, "fingerprint": fingerprint}, sort_keys=True).encode()
+        name = self.id_key(doc_id)
+        try:
+            if self.objects.get(name) == pointer:
+                return False
+        except NotFound:
+            pass
+        self.objects.put(name, pointer)
+        return True
 
     # ---- reading ---------------------------------------------------------------------
     def is_committed(self, fingerprint: str, key: str) -> bool:
@@ -234,10 +247,14 @@ class TreeStore:
         if fingerprint is not None and fp != fingerprint:
             raise FingerprintMismatch(f"document {doc_id!r} was compressed under model fingerprint {fp[:16]}..., "
                                       f"this decoder has {fingerprint[:16]}...: recompress it with this model")
-        mname = self.manifest_key(fp, key)
-        manifest = Manifest.from_json(self.objects.get(mname), mname)
-        if manifest.doc_id != doc_id:
-            raise Corrupt(f"{mname}: manifest is for {manifest.doc_id!r}, pointer says {doc_id!r}")
+        # The manifest belongs to the content key; report it under the id asked for.
+        return dataclasses.replace(self.manifest_for_key(fp, key), doc_id=doc_id)
+
+    def manifest_for_key(self, fingerprint: str, key: str) -> Manifest:
+        name = self.manifest_key(fingerprint, key)
+        manifest = Manifest.from_json(self.objects.get(name), name)
+        if manifest.key != key or manifest.fingerprint != fingerprint:
+            raise Corrupt(f"{name}: manifest names key {manifest.key[:16]}... under {manifest.fingerprint[:16]}...")
         return manifest
 
     def load_tree(self, manifest: Manifest) -> ContextTree:
