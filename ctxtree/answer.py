@@ -34,7 +34,7 @@ def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampli
     """Answer with the injection decoder; on_text receives the answer as it streams."""
     t0 = time.perf_counter()
     prompt, query_index = question_prompt(rt.tokenizer, question)
-    batch = left_pad([prompt])
+    batch = left_pad([prompt], device=rt.model.device)
     q = query_vector(rt.model, batch.input_ids, batch.positions, batch.token_valid,
                      torch.tensor([query_index + batch.input_ids.shape[1] - len(prompt)]))[0]
     selections = [search(tree, q, policy) for tree in trees]

@@ -18,7 +18,10 @@ def question_prompt(tokenizer, question: str) -> tuple[list[int], int]:
                                              tokenize=False, add_generation_prompt=True)
     else:
         text = question + "\n"
-    q_end = text.rfind(question) + len(question)
+    found = text.rfind(question)
+    if found < 0:
+        raise ValueError("the chat template rewrote the question; cannot locate its last token for search")
+    q_end = found + len(question)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     query_index = max(i for i, (start, _) in enumerate(offsets) if start < q_end)

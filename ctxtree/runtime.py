@@ -6,6 +6,7 @@ injection decoder with its adapter, the tree config and the model fingerprint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,10 @@ def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None 
     stops = set(model.cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
+    gen_cfg = ckpt / "generation_config.json"
+    if gen_cfg.is_file():  # chat models often list their end-of-turn token only here
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        stops.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return Runtime(ckpt_dir=ckpt, model=model, tokenizer=tokenizer, decoder=decoder, tree_config=tree_config,
                    weights_digest=digest,
                    fingerprint=model_fingerprint(digest, tokenizer_digest(tokenizer), tree_config),

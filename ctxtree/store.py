@@ -5,7 +5,8 @@ Layout under the store root (design.md "Contracts"):
 
     ids/<h[:2]>/<h>.json                     h = sha256(document id): {doc_id, key, fingerprint}
     <fingerprint>/manifests/<k[:2]>/<k>.json  k = document key (content address)
-    <fingerprint>/trees/<k[:2]>/<k>/<first chunk, 8 digits>.ctt   tree objects (shards)
+    <fingerprint>/trees/<k[:2]>/<k>/<first chunk:08d>-<sha256[:16]>.ctt   tree objects (shards)
+    <fingerprint>/runs/<run id>/{summary.json,failures.jsonl}          job records
 
 Write order is the commit protocol: shards, then the manifest (sizes and sha256 of
 every shard), then the id pointer. A reader only ever starts from a manifest or a
@@ -98,54 +99,69 @@ class Manifest:
             m = cls(doc_id=doc["doc_id"], key=doc["key"], fingerprint=doc["fingerprint"],
                     n_tokens=int(doc["n_tokens"]), n_chunks=int(doc["n_chunks"]),
                     tree_config=doc["tree_config"], shards=shards)
-        except (ValueError, KeyError, TypeError) as e:
+            covered = [c for s in shards for c in range(int(s.chunk_start), int(s.chunk_end))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise Corrupt(f"{name}: malformed manifest: {e}") from e
-        covered = [c for s in shards for c in range(s.chunk_start, s.chunk_end)]
         if covered != list(range(m.n_chunks)):
             raise Corrupt(f"{name}: shards do not cover chunks 0..{m.n_chunks - 1} exactly once")
         return m
+
+
+def filesystem_for(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path within it) for a local path, file://... or s3://bucket/prefix.
+
+    The S3 endpoint comes from endpoint_url, else the standard AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL variables (MinIO, Ceph RGW, moto), else AWS itself; credentials
+    and region from the standard AWS variables and files.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"store URI {uri!r} has no bucket")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        kwargs: dict = {}
+        if endpoint:
+            ep = urlparse(endpoint)
+            kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return pafs.S3FileSystem(region=region, **kwargs), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
+    if parsed.scheme in ("", "file"):
+        return pafs.LocalFileSystem(), os.path.abspath(parsed.path if parsed.scheme == "file" else uri)
+    raise ValueError(f"unsupported URI {uri!r}: use a local path, file://... or s3://bucket/prefix")
 
 
 class ObjectStore:
     """A few typed verbs over a pyarrow filesystem: put, get, head, list, delete."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
-        parsed = urlparse(uri)
-        if parsed.scheme == "s3":
-            if not parsed.netloc:
-                raise ValueError(f"store URI {uri!r} has no bucket")
-            endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            kwargs: dict = {}
-            if endpoint:
-                ep = urlparse(endpoint)
-                kwargs = {"endpoint_override": ep.netloc or ep.path, "scheme": ep.scheme or "https"}
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            self.fs = pafs.S3FileSystem(region=region, **kwargs)
-            self.root = f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/")
-            self.local = False
-        elif parsed.scheme in ("", "file"):
-            path = os.path.abspath(parsed.path if parsed.scheme == "file" else uri)
-            os.makedirs(path, exist_ok=True)
-            self.fs = pafs.LocalFileSystem()
-            self.root = path
-            self.local = True
-        else:
-            raise ValueError(f"unsupported store URI {uri!r}: use a local path, file://... or s3://bucket/prefix")
+        self.fs, self.root = filesystem_for(uri, endpoint_url)
+        self.local = isinstance(self.fs, pafs.LocalFileSystem)
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
         self.uri = uri
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}"
 
     def put(self, key: str, data: bytes) -> None:
-        """Write an object whole. Local writes go through a temporary name and a rename,
-        so a reader never sees a partial object (an S3 PUT is atomic by itself)."""
+        """Write an object whole. Local writes go through a temporary name, fsync and a
+        rename, so a reader never sees a partial object, even after a power loss (an S3
+        PUT is atomic and durable by itself)."""
         path = self._path(key)
         if self.local:
-            self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as f:
+            with open(tmp, "wb") as f:
                 f.write(data)
-            self.fs.move(tmp, path)
+                f.flush()
+                os.fsync(f.fileno())  # the data is on disk before any name points at it
+            os.replace(tmp, path)
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # and so is the rename, before a manifest can follow
+            finally:
+                os.close(dir_fd)
         else:
             with self.fs.open_output_stream(path) as f:
                 f.write(data)
@@ -191,8 +207,10 @@ class TreeStore:
         return f"{fingerprint}/manifests/{key[:2]}/{key}.json"
 
     @staticmethod
-    def shard_key(fingerprint: str, key: str, first_chunk: int) -> str:
-        return f"{fingerprint}/trees/{key[:2]}/{key}/{first_chunk:08d}.ctt"
+    def shard_key(fingerprint: str, key: str, first_chunk: int, digest: str) -> str:
+        # The content hash in the name: two writers of one key (a retried task, a twin
+        # document, another GPU's rounding) never overwrite a shard a manifest points to.
+        return f"{fingerprint}/trees/{key[:2]}/{key}/{first_chunk:08d}-{digest[:16]}.ctt"
 
     @staticmethod
     def id_key(doc_id: str) -> str:
@@ -202,11 +220,11 @@ class TreeStore:
     # ---- writing ---------------------------------------------------------------------
     def write_shard(self, key: str, shard: TreeShard) -> ShardRecord:
         data = encode_shard(shard)
-        name = self.shard_key(shard.fingerprint, key, shard.tree.first_chunk)
+        digest = hashlib.sha256(data).hexdigest()
+        name = self.shard_key(shard.fingerprint, key, shard.tree.first_chunk, digest)
         self.objects.put(name, data)
         return ShardRecord(name=name, chunk_start=shard.tree.first_chunk,
-                           chunk_end=shard.tree.first_chunk + shard.tree.n_chunks,
-                           bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+                           chunk_end=shard.tree.first_chunk + shard.tree.n_chunks, bytes=len(data), sha256=digest)
 
     def commit(self, manifest: Manifest) -> None:
         """Make a document visible: its manifest, then its id pointer (shards must exist)."""

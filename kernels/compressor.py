@@ -39,12 +39,13 @@ def compress_nodes(model: Llama, nodes: list[Tensor], n_layers: int) -> NodeStat
         raise ValueError(f"n_layers must be in 1..{model.cfg.num_hidden_layers}, got {n_layers}")
     if not nodes or any(n.numel() == 0 for n in nodes):
         raise ValueError("compress_nodes needs at least one node and no empty nodes")
-    lengths = torch.tensor([n.numel() for n in nodes])
+    device = model.device
+    lengths = torch.tensor([n.numel() for n in nodes], device=device)
     t = int(lengths.max())
-    ids = torch.zeros(len(nodes), t, dtype=torch.long)
+    ids = torch.zeros(len(nodes), t, dtype=torch.long, device=device)
     for row, node in enumerate(nodes):
-        ids[row, : node.numel()] = node
-    positions = torch.arange(t).expand(len(nodes), t)
+        ids[row, : node.numel()] = node.to(device)
+    positions = torch.arange(t, device=device).expand(len(nodes), t)
     cos, sin = model.rope(positions)
     last = lengths - 1
 
@@ -65,7 +66,7 @@ def compress_nodes(model: Llama, nodes: list[Tensor], n_layers: int) -> NodeStat
         h = h + layer.self_attn.o_proj(a)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         if i == 0:
-            routes = model.norm(h[torch.arange(len(nodes)), last])  # [N,D]
+            routes = model.norm(h[torch.arange(len(nodes), device=device), last])  # [N,D]
     assert routes is not None
     return NodeStates(keys=keys, values=values, routes=routes, lengths=lengths)
 
@@ -78,4 +79,4 @@ def query_vector(model: Llama, input_ids: Tensor, positions: Tensor, token_valid
     input_ids/positions/token_valid: [B,T]; query_index [B] -> [B,D].
     """
     h0 = model.hidden_states(input_ids, positions, token_valid, n_layers=1)
-    return model.norm(h0[torch.arange(input_ids.shape[0]), query_index])
+    return model.norm(h0[torch.arange(input_ids.shape[0], device=h0.device), query_index.to(h0.device)])

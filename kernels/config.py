@@ -59,6 +59,9 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not a supported LLaMA-family model; "
                              f"expected one of {SUPPORTED_MODEL_TYPES}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported; LLaMA-family models use 'silu'")
         window = hf.get("sliding_window")
         if window is not None and (model_type != "qwen2" or hf.get("use_sliding_window", False)):
             raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")

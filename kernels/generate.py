@@ -42,7 +42,7 @@ class PaddedBatch:
     lengths: Tensor  # [B] real prompt lengths
 
 
-def left_pad(prompts: list[list[int]], pad_id: int = 0) -> PaddedBatch:
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device: torch.device | str = "cpu") -> PaddedBatch:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     b, t = len(prompts), max(len(p) for p in prompts)
@@ -53,7 +53,7 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> PaddedBatch:
         valid[row, t - len(p):] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     lengths = torch.tensor([len(p) for p in prompts])
-    return PaddedBatch(ids, positions, valid, lengths)
+    return PaddedBatch(ids.to(device), positions.to(device), valid.to(device), lengths.to(device))
 
 
 @torch.no_grad()
@@ -83,11 +83,13 @@ def sample(logits: Tensor, cfg: SamplingConfig, generators: list[torch.Generator
         drop = sorted_probs.cumsum(-1) - sorted_probs >= cfg.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    # Sampled on the CPU with each row's own CPU generator: the same draws on any device.
+    probs = probs.cpu()
     out = torch.empty(probs.shape[0], dtype=torch.long)
     for row in range(probs.shape[0]):
         gen = generators[row] if generators is not None else None
         out[row] = torch.multinomial(probs[row], 1, generator=gen)[0]
-    return out
+    return out.to(logits.device)
 
 
 def generate(decoder: InjectionDecoder, prompts: list[list[int]], context: InjectedContext | None,
@@ -103,13 +105,13 @@ def generate(decoder: InjectionDecoder, prompts: list[list[int]], context: Injec
     if generators is not None and len(generators) != len(prompts):
         raise ValueError(f"{len(generators)} generators for {len(prompts)} prompts")
     base = decoder.base
-    batch = left_pad(prompts)
+    batch = left_pad(prompts, device=base.device)
     b, t = batch.input_ids.shape
-    cache = KVCache.allocate(base.cfg, b, t + cfg.max_tokens, base.dtype)
+    cache = KVCache.allocate(base.cfg, b, t + cfg.max_tokens, base.dtype, base.device)
     logits = prefill(decoder, batch, cache, context)
     positions = batch.lengths.clone()
-    done = torch.zeros(b, dtype=torch.bool)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=base.device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=base.device)
     for step in range(cfg.max_tokens):
         tokens = sample(logits, cfg, generators)
         step_tokens = [None if done[r] else int(tokens[r]) for r in range(b)]

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from kernels.llama import KVCache, Llama, RMSNorm, apply_rope, attend
+from kernels.llama import KVCache, Llama, RMSNorm, apply_rope, attend, rope_cos_sin
 from kernels.tree import ContextTree, gather_nodes
 
 CROSS_ROPE = ("chunk", "none")
@@ -51,7 +51,7 @@ class CrossAttention(nn.Module):
             self.o_proj.weight.zero_()
             if cfg.o_bias:
                 self.o_proj.bias.zero_()
-        self.to(base.dtype)
+        self.to(device=base.device, dtype=base.dtype)
 
     def forward(self, h: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> Tensor:
         """h [B,T,D]; keys/values [B,Hkv,S,Dh]; valid [B,S] -> [B,T,D]."""
@@ -119,24 +119,26 @@ class InjectionDecoder(nn.Module):
             raise ValueError(f"{len(trees)} trees but {len(selections)} selections")
         if not trees:
             cfg = self.base.cfg
-            empty = torch.zeros(self.n_layers, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=self.base.dtype)
+            empty = torch.zeros(self.n_layers, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=self.base.dtype,
+                                device=self.base.device)
             return empty, empty.clone()
         keys, values, chunks, offset = [], [], [], 0
         for tree, selected in zip(trees, selections):
             if tree.config.n_layers < self.n_layers:
                 raise ValueError(f"tree has K/V for {tree.config.n_layers} layers, decoder needs {self.n_layers}")
-            k, v, chunk_index = gather_nodes(tree, selected)
+            k, v, chunk_index = gather_nodes(tree, selected.cpu())
             keys.append(k[: self.n_layers])
             values.append(v[: self.n_layers])
             chunks.append(chunk_index + offset)
             offset += tree.n_chunks
-        k = torch.cat(keys, dim=2).float()  # [M,Hkv,S,Dh]
-        v = torch.cat(values, dim=2)
+        device = self.base.device
+        k = torch.cat(keys, dim=2).to(device, torch.float32)  # [M,Hkv,S,Dh]
+        v = torch.cat(values, dim=2).to(device)
         if self.cross_rope == "chunk":
             # keys of chunk r move to r - n: the query's rotation to position n is folded in.
-            rel = (torch.cat(chunks) - offset)[None]  # [1,S]
-            cos, sin = self.base.rope(rel)
-            k = apply_rope(k, cos.float(), sin.float())
+            rel = (torch.cat(chunks) - offset)[None].to(device)  # [1,S]
+            cos, sin = rope_cos_sin(self.base.inv_freq, rel, torch.float32)  # fp32 angles even for bf16 models
+            k = apply_rope(k, cos, sin)
         return k.to(self.base.dtype), v.to(self.base.dtype)
 
 
@@ -144,11 +146,11 @@ def batch_context(per_request: list[tuple[Tensor, Tensor]]) -> InjectedContext:
     """Pad each request's K/V [M,Hkv,S_b,Dh] to the longest S and stack along a batch axis."""
     s_max = max(k.shape[2] for k, _ in per_request)
     m, hkv, _, dh = per_request[0][0].shape
-    dtype = per_request[0][0].dtype
+    dtype, device = per_request[0][0].dtype, per_request[0][0].device
     b = len(per_request)
-    keys = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype)
-    values = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype)
-    valid = torch.zeros(b, s_max, dtype=torch.bool)
+    keys = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
+    values = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
+    valid = torch.zeros(b, s_max, dtype=torch.bool, device=device)
     for row, (k, v) in enumerate(per_request):
         s = k.shape[2]
         keys[:, row, :, :s] = k
@@ -182,7 +184,7 @@ def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
         raise AdapterError(f"adapter {adapter_dir} was trained for base weights {meta.get('base_weights_digest')!r}, "
                            f"but the loaded model is {base_digest!r}")
     decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"))
-    state = {k.removeprefix("cross_attn."): v for k, v in load_file(str(weights_path)).items()}
+    state = {k.removeprefix("cross_attn."): v.to(base.device) for k, v in load_file(str(weights_path)).items()}
     try:
         decoder.cross_attn.load_state_dict({k: v.to(base.dtype) for k, v in state.items()}, strict=True)
     except RuntimeError as e:

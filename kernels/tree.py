@@ -157,10 +157,11 @@ def build_tree(model: Llama, token_ids: Tensor, cfg: TreeConfig, first_chunk: in
         i += n
         out = compress_nodes(model, [w[2] for w in batch], cfg.n_layers)
         for row, (c, j, _, kept) in enumerate(batch):
-            kept_t = torch.tensor(kept)
-            states[(c, j)] = ([k[row][:, kept_t].to(codec) for k in out.keys],
-                              [v[row][:, kept_t].to(codec) for v in out.values],
-                              out.routes[row].to(codec))
+            kept_t = torch.tensor(kept, device=model.device)
+            # trees live on the CPU: they are serialized, stored and shipped between processes
+            states[(c, j)] = ([k[row][:, kept_t].to("cpu", codec) for k in out.keys],
+                              [v[row][:, kept_t].to("cpu", codec) for v in out.values],
+                              out.routes[row].to("cpu", codec))
 
     cfg_model = model.cfg
     keys, values = [], []
@@ -225,14 +226,14 @@ def search(tree: ContextTree, query: Tensor, policy: str = "query") -> Tensor:
 
     At levels 1..h-1 the child not chosen is injected (coarse), at level h both
     children of the chosen node (finest). Policy "query" chooses the child whose
-    routing vector has the larger cosine with query [D] (ties go right); "right"
+    routing vector has the larger cosine with query [D] (argmax: ties go left); "right"
     always chooses the right child. Each chunk's own children are compared.
     """
     if policy not in POLICIES:
         raise ValueError(f"search policy {policy!r} unknown; expected one of {POLICIES}")
     c = tree.n_chunks
     sims = torch.nn.functional.cosine_similarity(
-        tree.routes.float(), query.float().view(1, 1, -1), dim=-1)  # [C,N]
+        tree.routes.float(), query.detach().float().cpu().view(1, 1, -1), dim=-1)  # [C,N], trees live on the CPU
     empty = tree.node_counts() == 0  # [C,N]
     rows = torch.arange(c)
     node = torch.zeros(c, dtype=torch.long)
@@ -240,7 +241,7 @@ def search(tree: ContextTree, query: Tensor, policy: str = "query") -> Tensor:
     for _ in range(1, tree.config.height):
         left, right = 2 * node + 1, 2 * node + 2
         if policy == "query":
-            go_left = sims[rows, left - 1] > sims[rows, right - 1]
+            go_left = sims[rows, left - 1] >= sims[rows, right - 1]
         else:
             go_left = torch.zeros(c, dtype=torch.bool)
         go_left = torch.where(empty[rows, right - 1], True, torch.where(empty[rows, left - 1], False, go_left))

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from kernels.tree import CODECS, ContextTree, TreeConfig, slice_tree
+from kernels.tree import CODECS, ContextTree, TreeConfig, keep_per_node, kept_positions, node_spans, slice_tree
 
 MAGIC = b"CTXTREE\x00"
 FORMAT_VERSION = 1
@@ -91,11 +91,11 @@ def decode_shard(data: bytes, name: str = "tree object") -> TreeShard:
         shard = TreeShard(fingerprint=header["fingerprint"], doc_id=header["doc_id"],
                           n_tokens=int(header["n_tokens"]), n_chunks_total=int(header["n_chunks_total"]),
                           tree=tree)
+        _check_consistent(shard, header, name)
     except CorruptTreeError:
         raise
-    except Exception as e:  # malformed JSON, missing keys or tensors, bad safetensors
+    except Exception as e:  # malformed JSON, missing keys or tensors, bad safetensors, wrong types
         raise CorruptTreeError(f"{name}: malformed contents: {type(e).__name__}: {e}") from e
-    _check_consistent(shard, header, name)
     return shard
 
 
@@ -118,8 +118,19 @@ def _check_consistent(shard: TreeShard, header: dict, name: str) -> None:
     want = CODECS[cfg.codec]
     if any(t.dtype != want for t in (tree.keys, tree.values, tree.routes)):
         problems.append(f"tensor dtypes do not match codec {cfg.codec}")
-    if any(length < 1 or length > cfg.chunk_len for length in tree.chunk_lengths):
-        problems.append("chunk lengths out of range")
+    last_of_doc = header["chunk_end"] == shard.n_chunks_total
+    for i, length in enumerate(tree.chunk_lengths):
+        is_last = last_of_doc and i == c - 1
+        if not (1 <= length <= cfg.chunk_len) or (length != cfg.chunk_len and not is_last):
+            problems.append(f"chunk {tree.first_chunk + i} has {length} tokens (chunk_len {cfg.chunk_len}); "
+                            "only a document's last chunk may be shorter")
+            break
+    if not problems:
+        want = torch.tensor([len(kept_positions(e - s, keep_per_node(length, cfg))) if e > s else 0
+                             for length in tree.chunk_lengths
+                             for s, e in node_spans(length, cfg.height)[1:]], dtype=torch.int64)
+        if not torch.equal(tree.node_offsets[1:] - tree.node_offsets[:-1], want):
+            problems.append("kept positions per node do not match the tree layout")
     if problems:
         raise CorruptTreeError(f"{name}: inconsistent contents: " + "; ".join(problems))
 

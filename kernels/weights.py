@@ -8,6 +8,7 @@ they hash tensor bytes and tokenizer contents, never Python's `hash()`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,13 +60,20 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def model_digest(weights: str, cfg: LlamaConfig) -> str:
+    """The base model's identity: its weights and the config that decides how they are
+    used (RoPE, norms, biases), which change a tree's bytes as much as the weights do."""
+    doc = json.dumps({"weights": weights, "config": dataclasses.asdict(cfg)}, sort_keys=True)
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
 def load_llama(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Llama, str]:
-    """Load a checkpoint directory into our Llama; returns (model in eval mode, weights digest)."""
+    """Load a checkpoint directory into our Llama; returns (model in eval mode, model digest)."""
     cfg = read_config(ckpt_dir)
     state = read_state_dict(ckpt_dir)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the head
-    digest = weights_digest(state)
+    digest = model_digest(weights_digest(state), cfg)
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
@@ -153,5 +161,12 @@ def tokenizer_digest(tokenizer) -> str:
     """sha256 of what decides tokenization: the BPE model (vocab, merges), the
     normalizer and pre-tokenizer, and the added tokens; not serializer details."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    parts = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "added_tokens")}
+    model = dict(spec.get("model") or {})
+    # tokenizers versions serialize merges as "a b" strings or as ["a", "b"] pairs
+    model["merges"] = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    model = {k: model.get(k) for k in ("type", "vocab", "merges", "unk_token", "byte_fallback",
+                                        "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk")}
+    added = [{k: t.get(k) for k in ("id", "content", "special")} for t in spec.get("added_tokens") or []]
+    parts = {"model": model, "added_tokens": added,
+             "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer")}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -49,8 +49,17 @@ def test_bad_documents_are_refused_and_leave_nothing(small_rt, tmp_path):
     store = TreeStore(str(tmp_path / "s"))
     with pytest.raises(BadDocument, match="empty"):
         compress_document(small_rt, store, "empty", " \n\t", CompressSettings())
-    with pytest.raises(BadDocument, match="max_doc_tokens"):
+    with pytest.raises(BadDocument, match="exceeds max_doc_tokens"):
         compress_document(small_rt, store, "long", TEXT, CompressSettings(max_doc_tokens=100))
     assert list(store.objects.list("")) == []
     with pytest.raises(NotFound):
         store.manifest("long")
+
+
+@pytest.mark.parametrize("data,reason", [(b"\x00\x01binary\x00", "binary"), (b"caf\xe9 latin-1", "undecodable"),
+                                         ("   ", "empty"), ("x" * 2000, "too large")])
+def test_decode_text_says_why(data, reason):
+    from pipelines.document import decode_text
+
+    with pytest.raises(BadDocument, match=reason):
+        decode_text(data, CompressSettings(max_doc_bytes=1000))

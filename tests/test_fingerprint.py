@@ -36,6 +36,11 @@ def test_fingerprint_changes_with_weights_tokenizer_and_config(tmp_path):
     _, d0_again = load_llama(save_tiny(tmp_path / "b", seed=0))
     _, d1 = load_llama(save_tiny(tmp_path / "c", seed=1))
     assert d0 == d0_again and d0 != d1
+    # same weights, another RoPE base: a different model, whose trees differ
+    cfg = tmp_path / "b" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"rope_theta": 10000.0', '"rope_theta": 20000.0'))
+    _, d0_theta = load_llama(tmp_path / "b")
+    assert d0_theta != d0
     base = model_fingerprint(d0, "tok", TreeConfig())
     assert base == model_fingerprint(d0, "tok", TreeConfig())
     assert len({base, model_fingerprint(d1, "tok", TreeConfig()), model_fingerprint(d0, "tok2", TreeConfig()),

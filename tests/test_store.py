@@ -116,7 +116,7 @@ def test_document_keys_are_identical_across_processes():
 
 
 def test_bad_uri_is_refused():
-    with pytest.raises(ValueError, match="unsupported store URI"):
+    with pytest.raises(ValueError, match="unsupported URI"):
         TreeStore("ftp://host/x")
     with pytest.raises(ValueError, match="no bucket"):
         TreeStore("s3://")

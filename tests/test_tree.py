@@ -135,3 +135,8 @@ def test_bad_config_is_refused():
         TreeConfig.from_dict({"n_layers": 4, "bogus": 1})
     with pytest.raises(ValueError, match="policy"):
         search(synthetic_tree(torch.randn(1, 6, 4), 2), torch.randn(4), "left")
+
+
+def test_search_ties_go_left_like_argmax():
+    routes = torch.ones(1, 6, 4)   # identical halves give identical routing vectors
+    assert search(synthetic_tree(routes, 2), torch.ones(4), "query").tolist() == [[2, 3, 4]]
