@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	# the main job: compress the sample corpus (17 documents, 105K tokens) into ./ctxtree-data
+	$(VENV)/bin/ctxtree compress --store ctxtree-data samples/corpus
+	# a question over one document, trees built in memory
 	$(VENV)/bin/ctxtree ask --doc samples/GPL-3.txt \
 		--question "Who is allowed to copy and distribute this license document?" --max-tokens 64
 

@@ -78,8 +78,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compress"]:
+        # The Ray job has its own parser; importing it (and Ray) only when asked keeps `ask` fast.
+        from pipelines.compress import main as compress_main
+
+        return compress_main(argv[1:], prog="ctxtree compress")
     parser = argparse.ArgumentParser(prog="ctxtree", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("compress", add_help=False,
+                   help="compress a corpus into a tree store on Ray Data (see `ctxtree compress --help`)")
     ask = sub.add_parser("ask", help="answer a question about local text files (single process, trees in memory)")
     ask.add_argument("--doc", type=Path, action="append", required=True, help="a UTF-8 text file (repeatable)")
     ask.add_argument("--question", required=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -23,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import torch
 
-from ctxtree.runtime import Runtime, load_runtime
+from ctxtree.runtime import Runtime, cache_dir, default_model_path, load_runtime
 from ctxtree.store import TreeStore, document_key
 from kernels.tree import TreeConfig
+from kernels.weights import load_tokenizer, prepare_checkpoint
 from pipelines.document import BadDocument, CompressSettings, compress_tokens, decode_text, tokenize
 from pipelines.ray_compat import PoolSettings, init_ray, map_with_actor_pool, map_with_tasks
 from pipelines.sources import SourceSpec, expand_inputs, read_documents
@@ -60,17 +63,21 @@ def _runtime(model: str | None, tree: TreeConfig) -> Runtime:
     return load_runtime(Path(model) if model else None, tree)
 
 
+@functools.lru_cache(maxsize=2)
+def _tokenizer(model: str | None):
+    """Tokenizing tasks need only the tokenizer, not the weights."""
+    return load_tokenizer(prepare_checkpoint(Path(model) if model else default_model_path(), cache_dir()))
+
+
 @functools.lru_cache(maxsize=4)
 def _store(uri: str) -> TreeStore:
     return TreeStore(uri)
 
 
 def prepare_batch(batch: pa.Table, job: JobConfig, fingerprint: str) -> pa.Table:
-    """{id, data, error} -> {id, key, status, error, token_ids}: status todo/skipped/failed."""
-    rt = _runtime(job.model, job.tree)
-    if rt.fingerprint != fingerprint:
-        raise RuntimeError(f"worker model fingerprint {rt.fingerprint[:16]} != driver's {fingerprint[:16]}: "
-                           "every node must have the same model files")
+    """{id, data, error} -> {id, key, status, error, token_ids}: status todo/skipped/failed.
+    (The fingerprint was computed by the driver; the actors check their model against it.)"""
+    tokenizer = _tokenizer(job.model)
     store = _store(job.store)
     rows = {"id": [], "key": [], "status": [], "error": [], "token_ids": []}
     for doc_id, data, error in zip(batch.column("id").to_pylist(), batch.column("data").to_pylist(),
@@ -84,7 +91,7 @@ def prepare_batch(batch: pa.Table, job: JobConfig, fingerprint: str) -> pa.Table
             if store.is_committed(fingerprint, key):
                 status = "skipped"
             else:
-                ids, status = tokenize(rt.tokenizer, text, job.settings), "todo"
+                ids, status = tokenize(tokenizer, text, job.settings), "todo"
         except BadDocument as e:
             error = str(e)
         for name, value in (("id", doc_id), ("key", key), ("status", status), ("error", error), ("token_ids", ids)):
@@ -97,6 +104,8 @@ class CompressActor:
     """Holds the model; compresses the documents `prepare_batch` marked todo."""
 
     def __init__(self, job: JobConfig, fingerprint: str):
+        # Ray pins OMP threads to int(num_cpus) (1 by default); torch follows the actor's share.
+        torch.set_num_threads(max(1, math.ceil(job.pool.num_cpus)))
         self.job = job
         self.rt = _runtime(job.model, job.tree)
         if self.rt.fingerprint != fingerprint:
@@ -124,7 +133,7 @@ class CompressActor:
 
 @dataclass
 class Tally:
-    total: int
+    files: int
     started: float = field(default_factory=time.perf_counter)
     done: int = 0
     committed: int = 0
@@ -150,8 +159,9 @@ class Tally:
 
     def line(self) -> str:
         dt = time.perf_counter() - self.started
-        return (f"[compress] {self.done}/{self.total} documents ({self.committed} committed, {self.skipped} skipped, "
-                f"{self.failed} failed), {self.tokens:,} tokens, {self.tokens / max(dt, 1e-9):,.0f} tokens/s")
+        return (f"[compress] {self.done} documents done from {self.files} input files ({self.committed} committed, "
+                f"{self.skipped} skipped, {self.failed} failed), {self.tokens:,} tokens, "
+                f"{self.tokens / max(dt, 1e-9):,.0f} tokens/s, {dt:.0f} s")
 
 
 def run_job(job: JobConfig, address: str | None = None) -> dict:
@@ -161,13 +171,13 @@ def run_job(job: JobConfig, address: str | None = None) -> dict:
     fingerprint = _runtime(job.model, job.tree).fingerprint  # converts the model once, before the workers
     init_ray(address)
     ds = read_documents(files, job.sources)
-    total = ds.count()
-    ds = map_with_tasks(ds, prepare_batch, (job, fingerprint), batch_size=8)
+    # Documents are counted as they come back (a jsonl or parquet file holds many):
+    # counting up front would read the whole corpus twice.
+    ds = map_with_tasks(ds, prepare_batch, (job, fingerprint), batch_size=8, num_cpus=0.5)
     ds = map_with_actor_pool(ds, CompressActor, (job, fingerprint), job.pool, batch_size=1)
-    tally = Tally(total=total)
+    tally = Tally(files=files.count)
     last = time.perf_counter()
-    print(f"[compress] {total} documents from {files.count} files -> {job.store} (fingerprint {fingerprint[:16]})",
-          flush=True)
+    print(f"[compress] {files.count} input files -> {job.store} (fingerprint {fingerprint[:16]})", flush=True)
     for row in ds.iter_rows():
         tally.add(row)
         if time.perf_counter() - last >= job.progress_seconds:
@@ -177,11 +187,11 @@ def run_job(job: JobConfig, address: str | None = None) -> dict:
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
     summary = {
         "run_id": run_id, "store": job.store, "fingerprint": fingerprint, "inputs": list(job.sources.inputs),
-        "documents": total, "committed": tally.committed, "skipped": tally.skipped, "failed": tally.failed,
+        "documents": tally.done, "committed": tally.committed, "skipped": tally.skipped, "failed": tally.failed,
         "tokens": tally.tokens, "chunks": tally.chunks, "bytes": tally.bytes,
         "bytes_per_token": tally.bytes / tally.tokens if tally.tokens else 0.0,
         "tokens_per_s": tally.tokens / elapsed if elapsed > 0 else 0.0, "elapsed_s": elapsed,
-        "failed_fraction": tally.failed / total if total else 0.0,
+        "failed_fraction": tally.failed / tally.done if tally.done else 0.0,
         "max_failed_fraction": job.max_failed_fraction, "tree_config": job.tree.to_dict(),
     }
     runs = f"{fingerprint}/runs/{run_id}"
@@ -195,9 +205,8 @@ def run_job(job: JobConfig, address: str | None = None) -> dict:
     return summary
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="python -m pipelines.compress", description=__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="files or directories (local or s3://): .jsonl, .parquet, text files")
     p.add_argument("--store", default="ctxtree-data", help="tree store: a local directory or s3://bucket/prefix")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
@@ -212,6 +221,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--actors", type=int, default=1, help="compressor actors (max; one per GPU on a cluster)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per compressor actor (1 on GPU clusters)")
+    p.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="CPUs per compressor actor (also its torch threads, rounded up)")
     p.add_argument("--chunks-per-batch", type=int, default=16)
     p.add_argument("--max-shard-mb", type=float, default=32.0)
     p.add_argument("--max-doc-mb", type=float, default=64.0)
@@ -231,15 +242,15 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         settings=CompressSettings(chunks_per_batch=args.chunks_per_batch,
                                   max_shard_bytes=int(args.max_shard_mb * 2 ** 20),
                                   max_doc_bytes=int(args.max_doc_mb * 2 ** 20), max_doc_tokens=args.max_doc_tokens),
-        pool=PoolSettings(min_actors=1, max_actors=args.actors, num_gpus=args.num_gpus),
+        pool=PoolSettings(min_actors=1, max_actors=args.actors, num_gpus=args.num_gpus, num_cpus=args.actor_cpus),
         max_failed_fraction=args.max_failed_fraction,
         progress_seconds=args.progress_seconds,
     )
 
 
-def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m pipelines.compress") -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = (parser or build_parser()).parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     try:
         job = job_from_args(args)
         summary = run_job(job, args.address)

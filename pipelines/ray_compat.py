@@ -39,7 +39,17 @@ def map_with_actor_pool(ds: Dataset, actor_class: type, constructor_args: tuple,
 
 
 def map_with_tasks(ds: Dataset, fn, fn_args: tuple, batch_size: int, num_cpus: float = 1.0) -> Dataset:
+    """ds.map_batches with stateless tasks. Resources unlike the actor pool's keep Ray
+    from fusing the two stages, so tokenizing never occupies a (GPU) compressor."""
     return ds.map_batches(fn, fn_args=fn_args, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
+
+
+# Settings the workers need to reach the same storage and model cache as the driver.
+# On a real cluster prefer instance roles / IRSA for credentials: then none are set here
+# and nothing secret travels in the job's runtime_env.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "CTXTREE_CACHE")
 
 
 def init_ray(address: str | None) -> None:
@@ -48,7 +58,10 @@ def init_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # "local": always a fresh single-node Ray. A bare ray.init() would instead join
+        # whatever cluster /tmp/ray/ray_current_cluster last named, even a dead one.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)

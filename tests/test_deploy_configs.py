@@ -1,0 +1,29 @@
+"""The cluster configs users deploy with are valid for the Ray we pin."""
+
+from __future__ import annotations
+
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from tests.conftest import REPO
+
+
+def test_ray_cluster_yaml_passes_ray_validation():
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    types = config["available_node_types"]
+    gpu = types["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] >= 1 and gpu["resources"]["GPU"] == 1
+    assert types["cpu_worker"]["resources"] == {} and config["head_node_type"] == "head"
+    assert all("RAY_AUTH_MODE" in c for c in config["head_start_ray_commands"] if "ray start" in c)
+
+
+def test_kuberay_rayjob_runs_the_compress_job():
+    job = yaml.safe_load((REPO / "infra" / "kuberay" / "rayjob.yaml").read_text())
+    assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["entrypoint"].startswith("python -m pipelines.compress ")
+    groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    assert groups["gpu"]["minReplicas"] == 0
+    limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == __import__("ray").__version__
