@@ -131,7 +131,13 @@ def filesystem_for(uri: str, endpoint_url: str | None = None) -> tuple[pafs.File
 
 
 class ObjectStore:
-    """A few typed verbs over a pyarrow filesystem: put, get, head, list, delete."""
+    """A few typed verbs over a pyarrow filesystem: put, get, head, list, delete.
+
+    pyarrow covers every verb on local disks and S3 alike, so boto3 is not needed here
+    (tests use it only to create buckets on the moto server). Where pyarrow falls short
+    is conditional writes (S3 If-None-Match): the commit protocol does not rely on them,
+    because every object name is either content-addressed or rewritten idempotently.
+    """
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
         self.fs, self.root = filesystem_for(uri, endpoint_url)

@@ -31,7 +31,7 @@ from ctxtree.store import TreeStore, document_key
 from kernels.tree import TreeConfig
 from kernels.weights import load_tokenizer, prepare_checkpoint
 from pipelines.document import BadDocument, CompressSettings, compress_tokens, decode_text, tokenize
-from pipelines.ray_compat import PoolSettings, init_ray, map_with_actor_pool, map_with_tasks
+from pipelines.ray_compat import PREPARE_CPUS, PoolSettings, init_ray, map_with_actor_pool, map_with_tasks
 from pipelines.sources import SourceSpec, expand_inputs, read_documents
 
 RESULT_SCHEMA = pa.schema([("id", pa.string()), ("key", pa.string()), ("status", pa.string()),
@@ -173,7 +173,7 @@ def run_job(job: JobConfig, address: str | None = None) -> dict:
     ds = read_documents(files, job.sources)
     # Documents are counted as they come back (a jsonl or parquet file holds many):
     # counting up front would read the whole corpus twice.
-    ds = map_with_tasks(ds, prepare_batch, (job, fingerprint), batch_size=8, num_cpus=0.5)
+    ds = map_with_tasks(ds, prepare_batch, (job, fingerprint), batch_size=8, num_cpus=PREPARE_CPUS)
     ds = map_with_actor_pool(ds, CompressActor, (job, fingerprint), job.pool, batch_size=1)
     tally = Tally(files=files.count)
     last = time.perf_counter()
@@ -233,8 +233,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def job_from_args(args: argparse.Namespace) -> JobConfig:
+    store = args.store
+    if "://" not in store:
+        store = os.path.abspath(store)  # workers do not share the driver's working directory
     return JobConfig(
-        store=args.store,
+        store=store,
         sources=SourceSpec(tuple(args.inputs), args.id_column, args.text_column),
         model=args.model,
         tree=TreeConfig(n_layers=args.layers, chunk_len=args.chunk_len, height=args.height, keep=args.keep,

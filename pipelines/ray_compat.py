@@ -7,7 +7,19 @@ import os
 from dataclasses import dataclass
 
 import ray
-from ray.data import ActorPoolStrategy, Dataset
+from ray.data import ActorPoolStrategy, DataContext, Dataset
+
+
+# CPU shares of the light stages. Reading and tokenizing hold a slot while they stream;
+# with whole CPUs each, a 2-core node running one compressor actor deadlocks (a blocked
+# read task holds the CPU the tokenizer needs). Small shares leave room for the actor.
+READ_CPUS = 0.25
+PREPARE_CPUS = 0.25
+# Ray Data coalesces a task's outputs into blocks of up to 128 MiB by default: a whole
+# corpus of token ids would then travel (and finish, and be retried) as one block, and
+# the driver would hear of no document until the last. Small blocks stream documents
+# through the stages a few at a time (a 16K-token document is 64 KiB of ids).
+BLOCK_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,7 @@ def map_with_actor_pool(ds: Dataset, actor_class: type, constructor_args: tuple,
     )
 
 
-def map_with_tasks(ds: Dataset, fn, fn_args: tuple, batch_size: int, num_cpus: float = 1.0) -> Dataset:
+def map_with_tasks(ds: Dataset, fn, fn_args: tuple, batch_size: int | None, num_cpus: float) -> Dataset:
     """ds.map_batches with stateless tasks. Resources unlike the actor pool's keep Ray
     from fusing the two stages, so tokenizing never occupies a (GPU) compressor."""
     return ds.map_batches(fn, fn_args=fn_args, batch_size=batch_size, batch_format="pyarrow", num_cpus=num_cpus)
@@ -54,6 +66,7 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
 
 def init_ray(address: str | None) -> None:
     """Connect to `address` (or RAY_ADDRESS, as under `ray job submit`), else start a local Ray."""
+    DataContext.get_current().target_max_block_size = BLOCK_BYTES
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 import ray.data
 
 from ctxtree.store import filesystem_for
+from pipelines.ray_compat import READ_CPUS, map_with_tasks
 
 JSON_EXT = (".jsonl", ".json")
 PARQUET_EXT = (".parquet",)
@@ -101,12 +102,14 @@ def read_documents(files: InputFiles, spec: SourceSpec) -> ray.data.Dataset:
     parts = []
     if files.text:
         ids = dict(files.text)
-        ds = ray.data.read_binary_files([p for p, _ in files.text], include_paths=True, filesystem=files.filesystem)
-        parts.append(ds.map_batches(_text_records, fn_args=(ids,), batch_format="pyarrow"))
+        ds = ray.data.read_binary_files([p for p, _ in files.text], include_paths=True, filesystem=files.filesystem,
+                                        num_cpus=READ_CPUS)
+        parts.append(map_with_tasks(ds, _text_records, (ids,), None, READ_CPUS))
     if files.jsonl:
-        ds = ray.data.read_json(list(files.jsonl), filesystem=files.filesystem)  # pyarrow reads JSON lines
-        parts.append(ds.map_batches(_records, fn_args=(spec.id_column, spec.text_column), batch_format="pyarrow"))
+        # pyarrow reads JSON lines (Ray refuses `filesystem` together with lines=True)
+        ds = ray.data.read_json(list(files.jsonl), filesystem=files.filesystem, num_cpus=READ_CPUS)
+        parts.append(map_with_tasks(ds, _records, (spec.id_column, spec.text_column), None, READ_CPUS))
     if files.parquet:
-        ds = ray.data.read_parquet(list(files.parquet), filesystem=files.filesystem)
-        parts.append(ds.map_batches(_records, fn_args=(spec.id_column, spec.text_column), batch_format="pyarrow"))
+        ds = ray.data.read_parquet(list(files.parquet), filesystem=files.filesystem, num_cpus=READ_CPUS)
+        parts.append(map_with_tasks(ds, _records, (spec.id_column, spec.text_column), None, READ_CPUS))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
