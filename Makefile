@@ -34,6 +34,7 @@ test: install
 
 bench: install
 	$(PY) -m bench.core
+	$(PY) -m bench.pipeline
 
 clean:
 	rm -rf $(VENV) *.egg-info
