@@ -94,6 +94,8 @@ def prepare_batch(batch: pa.Table, job: JobConfig, fingerprint: str) -> pa.Table
                 ids, status = tokenize(tokenizer, text, job.settings), "todo"
         except BadDocument as e:
             error = str(e)
+        except Exception as e:  # a tokenizer or storage error: recorded for this document, not fatal
+            key, status, ids, error = "", "failed", [], f"{type(e).__name__}: {e}"
         for name, value in (("id", doc_id), ("key", key), ("status", status), ("error", error), ("token_ids", ids)):
             rows[name].append(value)
     return pa.table({**{k: pa.array(v, pa.string()) for k, v in rows.items() if k != "token_ids"},
