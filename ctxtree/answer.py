@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt
 from ctxtree.runtime import Runtime
 from kernels.compressor import query_vector
@@ -41,8 +42,7 @@ def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampli
     context = batch_context([rt.decoder.request_kv(trees, selections)])
     t_search = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    tokens: list[int] = []
-    shown = ""
+    stream = TextStream(rt.tokenizer)
     t_first = None
     for step in generate(rt.decoder, [prompt], context, sampling, rt.stop_ids, [gen]):
         token = step[0]
@@ -52,15 +52,14 @@ def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampli
             t_first = time.perf_counter()
         if token in rt.stop_ids:
             break
-        tokens.append(token)
-        text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
-        if on_text is not None and len(text) > len(shown) and not text.endswith("\ufffd"):
-            on_text(text[len(shown):])
-            shown = text
+        piece = stream.push(token)
+        if on_text is not None and piece:
+            on_text(piece)
     t_end = time.perf_counter()
-    text = rt.tokenizer.decode(tokens, skip_special_tokens=True)
-    if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown):])
+    rest = stream.flush()
+    if on_text is not None and rest:
+        on_text(rest)
+    tokens, text = stream.tokens, stream.shown
     t_first = t_first or t_end
     decode_s = t_end - t_first
     return Answer(text=text.strip(), token_ids=tokens, selections=selections, timings={
