@@ -24,7 +24,7 @@ install: $(VENV)/.installed
 
 demo: install
 	# the main job: compress the sample corpus (17 documents, 105K tokens) into ./ctxtree-data
-	$(VENV)/bin/ctxtree compress --store ctxtree-data samples/corpus
+	$(VENV)/bin/ctxtree compress --store ctxtree-data --actor-cpus 1.5 samples/corpus
 	# a question over one document, trees built in memory
 	$(VENV)/bin/ctxtree ask --doc samples/GPL-3.txt \
 		--question "Who is allowed to copy and distribute this license document?" --max-tokens 64

@@ -57,13 +57,17 @@ class BatchingEngine:
         self._waiting: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._runner: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.batches_run = 0
         self.batch_sizes: list[int] = []
 
     async def stream(self, request: GenRequest) -> AsyncIterator[int]:
         """Yield the request's tokens as they are generated (stop token excluded)."""
-        if self._runner is None or self._runner.done():
+        loop = asyncio.get_running_loop()
+        if self._runner is None or self._runner.done() or self._loop is not loop:
+            # one batching task per event loop (a server restarts its loop, tests run several)
+            self._loop = loop
             self._wakeup = asyncio.Event()
             self._runner = asyncio.create_task(self._run())
         pending = _Pending(request, asyncio.Queue())

@@ -1,0 +1,228 @@
+"""The HTTP API (design.md): /v1/query, OpenAI-compatible /v1/chat/completions and
+/v1/models, /v1/documents/{id}, /v1/prewarm, /healthz, /metrics.
+
+Routes are thin: validate (pydantic), call one DecoderService method, and map domain
+errors to HTTP in `error_response`, written once. Errors use the OpenAI error shape
+({"error": {"message", "type", "code"}}) everywhere. Streams fail early: the first
+piece is awaited before the 200 is sent, so a bad request never becomes a broken
+stream; SSE ends with `data: [DONE]`, and a client that disconnects stops its tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ctxtree.store import Corrupt, FingerprintMismatch, NotFound
+from kernels.generate import SamplingConfig
+from serve.metrics import Metrics
+from serve.service import AnswerEnd, DecoderService, RequestTooLarge
+from serve.tree_cache import TooLarge
+
+API_TOKEN_ENV = "CTXTREE_API_TOKEN"
+
+
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[str] = Field(min_length=1)
+    question: str = Field(min_length=1)
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    policy: Literal["query", "right"] = "query"
+    stream: bool = False
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    documents: list[str] = Field(default_factory=list)   # extra body field: the context
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+
+
+class DocumentsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    documents: list[str] = Field(min_length=1)
+
+
+def error_response(e: Exception) -> JSONResponse:
+    """The one mapping from domain errors to HTTP."""
+    if isinstance(e, NotFound):
+        status, code = 404, "document_not_found"
+    elif isinstance(e, FingerprintMismatch):
+        status, code = 409, "fingerprint_mismatch"
+    elif isinstance(e, (RequestTooLarge, TooLarge)):
+        status, code = 413, "request_too_large"
+    elif isinstance(e, Corrupt):
+        status, code = 500, "corrupt_tree_object"
+    elif isinstance(e, ValueError):
+        status, code = 422, "invalid_request"
+    else:
+        status, code = 500, "internal_error"
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": str(e), "type": kind, "code": code}}, status_code=status)
+
+
+def sse(payload: dict | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
+    app = FastAPI(title="ctxtree", version="0.1.0")
+    metrics = Metrics(service)
+    token = api_token if api_token is not None else os.environ.get(API_TOKEN_ENV) or None
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next):
+        open_paths = ("/healthz", "/metrics")
+        if token and request.url.path not in open_paths and \
+                request.headers.get("authorization") != f"Bearer {token}":
+            response = JSONResponse({"error": {"message": "missing or wrong bearer token",
+                                               "type": "invalid_request_error", "code": "unauthorized"}},
+                                    status_code=401)
+        else:
+            response = await call_next(request)
+        metrics.count(request.url.path, response.status_code)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(ValueError(f"{where}: {first.get('msg', 'invalid request')}"))
+
+    async def start(documents: list[str], question: str, sampling: SamplingConfig, seed: int, policy: str):
+        """The answer stream with its first item already produced (errors surface here)."""
+        stream = service.answer(documents, question, sampling, seed, policy)
+        first = await stream.__anext__()
+        return first, stream
+
+    async def drain(first, stream) -> tuple[str, AnswerEnd]:
+        pieces, item = [], first
+        while not isinstance(item, AnswerEnd):
+            pieces.append(item)
+            item = await stream.__anext__()
+        return "".join(pieces), item
+
+    async def events(first, stream, to_event, closing) -> AsyncIterator[bytes]:
+        item = first
+        try:
+            while True:
+                if isinstance(item, AnswerEnd):
+                    metrics.observe(item)
+                    for payload in closing(item):
+                        yield sse(payload)
+                    yield sse("[DONE]")
+                    return
+                yield sse(to_event(item))
+                item = await stream.__anext__()
+        finally:
+            await stream.aclose()  # client gone: stop generating for it
+
+    @app.post("/v1/query")
+    async def query(body: QueryRequest):
+        try:
+            sampling = SamplingConfig(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p)
+            first, stream = await start(body.documents, body.question, sampling, body.seed, body.policy)
+        except Exception as e:
+            return error_response(e)
+        if body.stream:
+            return StreamingResponse(events(first, stream, lambda piece: {"text": piece},
+                                            lambda end: [{"done": True, **summary(end)}]),
+                                     media_type="text/event-stream")
+        try:
+            text, end = await drain(first, stream)
+        except Exception as e:
+            return error_response(e)
+        metrics.observe(end)
+        return {"answer": text.strip(), **summary(end)}
+
+    def summary(end: AnswerEnd) -> dict:
+        return {"documents": end.documents,
+                "usage": {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
+                          "total_tokens": end.prompt_tokens + end.completion_tokens},
+                "timings": {k: round(v, 3) for k, v in end.timings.items()}}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest):
+        question = next((m.content for m in reversed(body.messages) if m.role == "user"), None)
+        if question is None:
+            return error_response(ValueError("messages: no user message to answer"))
+        max_tokens = body.max_completion_tokens or body.max_tokens or 128
+        created, cid, model = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", service.model_name
+        try:
+            sampling = SamplingConfig(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
+            first, stream = await start(body.documents, question, sampling, body.seed or 0, "query")
+        except Exception as e:
+            return error_response(e)
+
+        def finish(end: AnswerEnd) -> str:
+            return "length" if end.completion_tokens >= max_tokens else "stop"
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+
+        if body.stream:
+            return StreamingResponse(
+                events(first, stream, lambda piece: chunk({"role": "assistant", "content": piece}),
+                       lambda end: [chunk({}, finish(end))]),
+                media_type="text/event-stream")
+        try:
+            text, end = await drain(first, stream)
+        except Exception as e:
+            return error_response(e)
+        metrics.observe(end)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
+                             "finish_reason": finish(end)}],
+                "usage": summary(end)["usage"], "timings": summary(end)["timings"]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
+                                            "owned_by": "ctxtree", "fingerprint": service.rt.fingerprint}]}
+
+    @app.get("/v1/documents/{doc_id:path}")
+    async def document(doc_id: str):
+        try:
+            return await service.document(doc_id)
+        except Exception as e:
+            return error_response(e)
+
+    @app.post("/v1/prewarm")
+    async def prewarm(body: DocumentsRequest):
+        try:
+            return await service.prewarm(body.documents)
+        except Exception as e:
+            return error_response(e)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": service.model_name, "fingerprint": service.rt.fingerprint}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,107 @@
+"""The HTTP API in front of a real DecoderService (real model, real tree store), through
+FastAPI's TestClient and the official openai client, unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ctxtree.store import TreeStore
+from pipelines.document import CompressSettings, compress_document
+from serve.app import build_app
+from serve.service import DecoderService, ServiceConfig
+from tests.conftest import REPO
+
+TEXT = (REPO / "samples" / "GPL-3.txt").read_text()[:6000]
+
+
+@pytest.fixture(scope="module")
+def service(smollm_runtime, tmp_path_factory):
+    uri = str(tmp_path_factory.mktemp("app-store"))
+    compress_document(smollm_runtime, TreeStore(uri), "contracts/gpl.txt", TEXT, CompressSettings())
+    svc = DecoderService(ServiceConfig(store=uri, max_documents=3, max_answer_tokens=200), runtime=smollm_runtime)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    with TestClient(build_app(service, api_token="")) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+def test_query_json_and_stream_agree(client):
+    body = {"documents": ["contracts/gpl.txt"], "question": "What is this license?", "max_tokens": 12}
+    r = client.post("/v1/query", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["answer"] and data["usage"]["completion_tokens"] >= 1
+    assert set(data["timings"]) >= {"load_ms", "ttft_ms", "total_ms"} and data["documents"] == body["documents"]
+    r = client.post("/v1/query", json={**body, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    pieces = [json.loads(e) for e in events[:-1]]
+    assert pieces[-1]["done"] is True
+    assert "".join(p.get("text", "") for p in pieces).strip() == data["answer"]
+
+
+def test_openai_client_unchanged(client):
+    import openai
+
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    models = oa.models.list()
+    assert len(models.data) == 1 and models.data[0].id.startswith("SmolLM2")
+    kwargs = dict(model=models.data[0].id, messages=[{"role": "user", "content": "What is this license?"}],
+                  max_tokens=10, extra_body={"documents": ["contracts/gpl.txt"]})
+    done = oa.chat.completions.create(**kwargs)
+    assert done.choices[0].message.content and done.usage.completion_tokens >= 1
+    assert done.choices[0].finish_reason in ("stop", "length")
+    streamed = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(**kwargs, stream=True))
+    assert streamed.strip() == done.choices[0].message.content
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"documents": ["missing"], "question": "x"}, 404, "document_not_found"),
+    ({"documents": ["contracts/gpl.txt"]}, 422, "invalid_request"),
+    ({"documents": ["contracts/gpl.txt"], "question": "x", "bogus": 1}, 422, "invalid_request"),
+    ({"documents": ["contracts/gpl.txt"], "question": "x", "temperature": -1}, 422, "invalid_request"),
+    ({"documents": ["a", "b", "c", "d"], "question": "x"}, 413, "request_too_large"),
+    ({"documents": ["contracts/gpl.txt"], "question": "x", "max_tokens": 1000}, 413, "request_too_large"),
+    ({"documents": ["../../etc/passwd"], "question": "x"}, 404, "document_not_found"),
+])
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(client, body, status, code):
+    r = client.post("/v1/query", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+    ok = client.post("/v1/query", json={"documents": ["contracts/gpl.txt"], "question": "Who?", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_documents_prewarm_health_and_metrics(client):
+    r = client.get("/v1/documents/contracts/gpl.txt")
+    assert r.status_code == 200 and r.json()["tokens"] > 1000 and r.json()["compatible"] is True
+    assert client.get("/v1/documents/nope").status_code == 404
+    assert client.post("/v1/prewarm", json={"documents": ["contracts/gpl.txt"]}).json()["bytes"] > 0
+    assert client.get("/healthz").json()["status"] == "ok"
+    text = client.get("/metrics").text
+    hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("ctxtree_tree_cache_hits_total")))
+    misses = float(next(line.split()[-1] for line in text.splitlines()
+                         if line.startswith("ctxtree_tree_cache_misses_total")))
+    assert misses >= 1 and hits >= 1
+    assert "ctxtree_time_to_first_token_seconds_count" in text and 'path="/v1/query",status="200"' in text
+
+
+def test_bearer_token_when_configured(service):
+    with TestClient(build_app(service, api_token="s3cret")) as c:
+        body = {"documents": ["contracts/gpl.txt"], "question": "Who?", "max_tokens": 2}
+        assert c.post("/v1/query", json=body).status_code == 401
+        assert c.post("/v1/query", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert c.post("/v1/query", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert c.get("/healthz").status_code == 200
