@@ -84,10 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.compress import main as compress_main
 
         return compress_main(argv[1:], prog="ctxtree compress")
+    if argv[:1] == ["serve"]:
+        from serve.run import main as serve_main
+
+        return serve_main(argv[1:], prog="ctxtree serve")
     parser = argparse.ArgumentParser(prog="ctxtree", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("compress", add_help=False,
                    help="compress a corpus into a tree store on Ray Data (see `ctxtree compress --help`)")
+    sub.add_parser("serve", add_help=False,
+                   help="serve a tree store over HTTP on Ray Serve (see `ctxtree serve --help`)")
     ask = sub.add_parser("ask", help="answer a question about local text files (single process, trees in memory)")
     ask.add_argument("--doc", type=Path, action="append", required=True, help="a UTF-8 text file (repeatable)")
     ask.add_argument("--question", required=True)

@@ -27,3 +27,23 @@ def test_kuberay_rayjob_runs_the_compress_job():
     limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "1"
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == __import__("ray").__version__
+
+
+def test_serve_config_is_valid_and_rayservice_carries_the_same_apps():
+    from ray.serve.schema import ServeDeploySchema
+
+    local = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    ServeDeploySchema(**local)  # Serve's own validation of `serve run` / `serve deploy` configs
+    svc = yaml.safe_load((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text())
+    v2 = yaml.safe_load(svc["spec"]["serveConfigV2"])
+    ServeDeploySchema(**v2)
+    assert v2["applications"] == local["applications"]
+    dep = local["applications"][0]["deployments"][0]
+    assert dep["max_queued_requests"] > 0 and dep["autoscaling_config"]["min_replicas"] >= 1
+    # the import path and args build an application with our typed arguments
+    from serve.decoder import ServeArgs, app_builder
+
+    app = local["applications"][0]
+    assert ServeArgs(**app["args"]).store == "ctxtree-data"
+    assert app_builder(app["args"]) is not None
+    assert app["import_path"] == "serve.decoder:app_builder"

@@ -1,0 +1,63 @@
+"""`ctxtree serve`: start Ray (local, or join --address), Serve's HTTP proxy on
+--host/--port, and the decoder application; run until SIGINT/SIGTERM, then shut down
+Serve and Ray cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from pipelines.ray_compat import init_ray
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("--store", required=True, help="tree store: a local directory or s3://bucket/prefix")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray)")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--model", default=None)
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--chunk-len", type=int, default=1024)
+    p.add_argument("--height", type=int, default=3)
+    p.add_argument("--keep", type=int, default=32)
+    p.add_argument("--codec", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cache-mb", type=float, default=1024)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from ray import serve
+
+    from serve.decoder import Decoder, ServeArgs
+
+    app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, layers=args.layers,
+                         chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
+                         dtype=args.dtype, cache_mb=args.cache_mb)
+    init_ray(args.address)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(Decoder.options(num_replicas=args.replicas).bind(app_args.model_dump()), name="ctxtree",
+              route_prefix="/")
+    print(f"ctxtree: serving {args.store} on http://{args.host}:{args.port}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("ctxtree: shutting down", flush=True)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from serve.run import main as _main
+
+    sys.exit(_main())
