@@ -28,6 +28,8 @@ demo: install
 	# a question over one document, trees built in memory
 	$(VENV)/bin/ctxtree ask --doc samples/GPL-3.txt \
 		--question "Who is allowed to copy and distribute this license document?" --max-tokens 64
+	# serve the compressed corpus on loopback, ask over HTTP, shut down
+	$(PY) -m serve.demo --store ctxtree-data
 
 test: install
 	$(PY) -m pytest -q tests
