@@ -20,6 +20,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray)")
     p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--max-batch", type=int, default=8, help="requests batched together (1 = no batching)")
+    p.add_argument("--max-ongoing", type=int, default=8, help="requests in flight per replica")
+    p.add_argument("--max-queued", type=int, default=32,
+                   help="requests waiting for a replica; beyond this Serve answers 503")
     add_model_args(p)
     p.add_argument("--cache-mb", type=float, default=1024)
     return p
@@ -33,11 +37,12 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
 
     app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
-                         dtype=args.dtype, cache_mb=args.cache_mb)
+                         dtype=args.dtype, cache_mb=args.cache_mb, max_batch=args.max_batch)
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(Decoder.options(num_replicas=args.replicas).bind(app_args.model_dump()), name="ctxtree",
-              route_prefix="/")
+    deployment = Decoder.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
+                                 max_queued_requests=args.max_queued)
+    serve.run(deployment.bind(app_args.model_dump()), name="ctxtree", route_prefix="/")
     print(f"ctxtree: serving {args.store} on http://{args.host}:{args.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,162 @@
+"""Serving benchmark against real `ctxtree serve` processes on loopback (Ray Serve,
+one replica), all in one run:
+
+- time to first token and requests/s at concurrency 1, 4 and 8 (batching on);
+- tree cache miss vs hit (a document's first request vs a repeat);
+- batching on vs off (max_batch 8 vs 1) at concurrency 8;
+- a bounded load test: N requests (default 300) at concurrency 8, zero 5xx required,
+  p50/p99 latency.
+
+    python -m bench.serve --store ctxtree-data [--out bench/results/serve.json]
+
+The store must hold the compressed sample corpus (`make demo` writes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = ["samples/corpus/license-GPL-3.txt", "samples/corpus/license-Apache-2.0.txt",
+        "samples/corpus/license-MPL-2.0.txt", "samples/corpus/debian-reference-ch05-network-setup.txt"]
+QUESTIONS = ["What is this document about?", "Who may copy it?", "What does it say about warranty?",
+             "What must a distributor do?"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, store: str, max_batch: int, max_queued: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ctxtree.cli", "serve", "--store", store, "--port", str(self.port),
+             "--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued)],
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("ctxtree serve exited early")
+            try:
+                if httpx2.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx2.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError("ctxtree serve did not become healthy")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def ask(url: str, i: int, max_tokens: int) -> dict:
+    body = {"documents": [DOCS[i % len(DOCS)]], "question": QUESTIONS[(i // len(DOCS)) % len(QUESTIONS)],
+            "max_tokens": max_tokens}
+    t0 = time.perf_counter()
+    r = httpx2.post(url + "/v1/query", json=body, timeout=600)
+    latency = time.perf_counter() - t0
+    out = {"status": r.status_code, "latency_s": latency}
+    if r.status_code == 200:
+        out["ttft_s"] = r.json()["timings"]["ttft_ms"] / 1000
+        out["load_ms"] = r.json()["timings"]["load_ms"]
+    return out
+
+
+def run_load(url: str, n: int, concurrency: int, max_tokens: int, budget_s: float) -> dict:
+    deadline = time.time() + budget_s
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = [r for r in pool.map(lambda i: ask(url, i, max_tokens) if time.time() < deadline else None,
+                                       range(n)) if r is not None]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    lat = sorted(r["latency_s"] for r in ok)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0
+
+    return {"requests": len(results), "concurrency": concurrency, "ok": len(ok),
+            "status_counts": {str(s): sum(r["status"] == s for r in results) for s in {r["status"] for r in results}},
+            "server_errors": sum(r["status"] >= 500 and r["status"] != 503 for r in results),
+            "overloaded_503": sum(r["status"] == 503 for r in results),
+            "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
+            "ttft_p50_s": statistics.median(r["ttft_s"] for r in ok) if ok else 0.0,
+            "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99), "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default=str(REPO / "ctxtree-data"))
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serve.json")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--sweep-requests", type=int, default=16)
+    parser.add_argument("--load-requests", type=int, default=300)
+    parser.add_argument("--budget-s", type=float, default=900, help="time bound of each load loop")
+    args = parser.parse_args()
+    result: dict = {"max_tokens": args.max_tokens, "cpus": os.cpu_count()}
+
+    server = Server(args.store, max_batch=8, max_queued=64)
+    try:
+        miss = [ask(server.url, i, args.max_tokens) for i in range(len(DOCS))]     # first touch: loads
+        hit = [ask(server.url, i, args.max_tokens) for i in range(len(DOCS))]      # now resident
+        result["cache"] = {"miss_ttft_s": statistics.median(r["ttft_s"] for r in miss),
+                           "miss_load_ms": statistics.median(r["load_ms"] for r in miss),
+                           "hit_ttft_s": statistics.median(r["ttft_s"] for r in hit),
+                           "hit_load_ms": statistics.median(r["load_ms"] for r in hit)}
+        print(f"cache: miss TTFT {result['cache']['miss_ttft_s'] * 1000:.0f} ms (load "
+              f"{result['cache']['miss_load_ms']:.0f} ms) vs hit {result['cache']['hit_ttft_s'] * 1000:.0f} ms",
+              flush=True)
+        result["concurrency"] = []
+        for c in (1, 4, 8):
+            r = run_load(server.url, args.sweep_requests, c, args.max_tokens, args.budget_s)
+            result["concurrency"].append(r)
+            print(f"concurrency {c}: {r['requests_per_s']:.2f} req/s, TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, "
+                  f"latency p50 {r['latency_p50_s']:.2f} s", flush=True)
+        load = run_load(server.url, args.load_requests, 8, args.max_tokens, args.budget_s)
+        result["load_test"] = load
+        print(f"load test: {load['requests']} requests at concurrency 8: {load['server_errors']} 5xx, "
+              f"{load['overloaded_503']} 503, p50 {load['latency_p50_s']:.2f} s, p99 {load['latency_p99_s']:.2f} s, "
+              f"{load['requests_per_s']:.2f} req/s", flush=True)
+    finally:
+        server.stop()
+
+    server = Server(args.store, max_batch=1, max_queued=64)
+    try:
+        off = run_load(server.url, args.sweep_requests, 8, args.max_tokens, args.budget_s)
+    finally:
+        server.stop()
+    on = result["concurrency"][-1]
+    result["batching"] = {"on_requests_per_s": on["requests_per_s"], "off_requests_per_s": off["requests_per_s"],
+                          "speedup": on["requests_per_s"] / off["requests_per_s"] if off["requests_per_s"] else 0.0,
+                          "off": off}
+    print(f"batching at concurrency 8: on {on['requests_per_s']:.2f} req/s vs off {off['requests_per_s']:.2f} req/s "
+          f"({result['batching']['speedup']:.2f}x)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
