@@ -37,6 +37,7 @@ test: install
 bench: install
 	$(PY) -m bench.core
 	$(PY) -m bench.pipeline
+	$(PY) -m bench.serve --store ctxtree-data
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -103,6 +103,46 @@ def test_bounded_load_has_no_server_errors(server):
     assert statuses.count(200) >= len(statuses) - statuses.count(503)
 
 
+def test_overload_is_503_from_the_bounded_queue(smollm_runtime, tmp_path):
+    """One request in flight, one queued: a burst beyond that is refused at once with 503,
+    not held in an unbounded wait, and the server keeps serving."""
+    import concurrent.futures
+
+    import httpx2
+
+    store = str(tmp_path / "store")
+    compress_document(smollm_runtime, TreeStore(store), "gpl", (REPO / "samples" / "GPL-3.txt").read_text()[:3000],
+                      CompressSettings())
+    port = free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "ctxtree.cli", "serve", "--store", store, "--port", str(port),
+                             "--max-ongoing", "1", "--max-queued", "1"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if httpx2.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx2.HTTPError:
+                time.sleep(1)
+        body = {"documents": ["gpl"], "question": "Summarize it.", "max_tokens": 48}
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda _: httpx2.post(url + "/v1/query", json=body, timeout=120).status_code,
+                                     range(8)))
+        assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
+        assert set(statuses) <= {200, 503}
+        ok = httpx2.post(url + "/v1/query", json={**body, "max_tokens": 2}, timeout=120)
+        assert ok.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def test_shutdown_is_clean(server):
     url, proc = server
     proc.send_signal(signal.SIGINT)
