@@ -18,15 +18,13 @@ import argparse
 import concurrent.futures
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx2
+
+from serve.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = ["samples/corpus/license-GPL-3.txt", "samples/corpus/license-Apache-2.0.txt",
@@ -35,40 +33,8 @@ QUESTIONS = ["What is this document about?", "Who may copy it?", "What does it s
              "What must a distributor do?"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, store: str, max_batch: int, max_queued: int):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ctxtree.cli", "serve", "--store", store, "--port", str(self.port),
-             "--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued)],
-            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("ctxtree serve exited early")
-            try:
-                if httpx2.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx2.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError("ctxtree serve did not become healthy")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def server(store: str, max_batch: int, max_queued: int) -> ServeProcess:
+    return ServeProcess(store, ("--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued)))
 
 
 def ask(url: str, i: int, max_tokens: int) -> dict:
@@ -117,10 +83,10 @@ def main() -> None:
     args = parser.parse_args()
     result: dict = {"max_tokens": args.max_tokens, "cpus": os.cpu_count()}
 
-    server = Server(args.store, max_batch=8, max_queued=64)
+    srv = server(args.store, max_batch=8, max_queued=64)
     try:
-        miss = [ask(server.url, i, args.max_tokens) for i in range(len(DOCS))]     # first touch: loads
-        hit = [ask(server.url, i, args.max_tokens) for i in range(len(DOCS))]      # now resident
+        miss = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]     # first touch: loads
+        hit = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]      # now resident
         result["cache"] = {"miss_ttft_s": statistics.median(r["ttft_s"] for r in miss),
                            "miss_load_ms": statistics.median(r["load_ms"] for r in miss),
                            "hit_ttft_s": statistics.median(r["ttft_s"] for r in hit),
@@ -130,23 +96,23 @@ def main() -> None:
               flush=True)
         result["concurrency"] = []
         for c in (1, 4, 8):
-            r = run_load(server.url, args.sweep_requests, c, args.max_tokens, args.budget_s)
+            r = run_load(srv.url, args.sweep_requests, c, args.max_tokens, args.budget_s)
             result["concurrency"].append(r)
             print(f"concurrency {c}: {r['requests_per_s']:.2f} req/s, TTFT p50 {r['ttft_p50_s'] * 1000:.0f} ms, "
                   f"latency p50 {r['latency_p50_s']:.2f} s", flush=True)
-        load = run_load(server.url, args.load_requests, 8, args.max_tokens, args.budget_s)
+        load = run_load(srv.url, args.load_requests, 8, args.max_tokens, args.budget_s)
         result["load_test"] = load
         print(f"load test: {load['requests']} requests at concurrency 8: {load['server_errors']} 5xx, "
               f"{load['overloaded_503']} 503, p50 {load['latency_p50_s']:.2f} s, p99 {load['latency_p99_s']:.2f} s, "
               f"{load['requests_per_s']:.2f} req/s", flush=True)
     finally:
-        server.stop()
+        srv.stop()
 
-    server = Server(args.store, max_batch=1, max_queued=64)
+    srv = server(args.store, max_batch=1, max_queued=64)
     try:
-        off = run_load(server.url, args.sweep_requests, 8, args.max_tokens, args.budget_s)
+        off = run_load(srv.url, args.sweep_requests, 8, args.max_tokens, args.budget_s)
     finally:
-        server.stop()
+        srv.stop()
     on = result["concurrency"][-1]
     result["batching"] = {"on_requests_per_s": on["requests_per_s"], "off_requests_per_s": off["requests_per_s"],
                           "speedup": on["requests_per_s"] / off["requests_per_s"] if off["requests_per_s"] else 0.0,

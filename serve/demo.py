@@ -7,14 +7,11 @@ questions over HTTP, print the answers with their timings, and shut the server d
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import httpx2
+
+from serve.launch import ServeProcess
 
 QUESTIONS = [
     (["samples/corpus/license-GPL-3.txt"], "What does this license say about warranty?"),
@@ -25,38 +22,20 @@ QUESTIONS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default="ctxtree-data")
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "ctxtree.cli", "serve", "--store", args.store, "--port", str(port)],
-                              env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    print("[demo] starting ctxtree serve on loopback ...", flush=True)
     try:
-        print(f"[demo] starting ctxtree serve on {url} ...", flush=True)
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None:
-                print("[demo] the server exited early", file=sys.stderr)
-                return 1
-            try:
-                if httpx2.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                pass
-            if time.time() > deadline:
-                print("[demo] the server did not become healthy in 300 s", file=sys.stderr)
-                return 1
-            time.sleep(1)
+        server = ServeProcess(args.store)
+    except RuntimeError as e:
+        print(f"[demo] {e}", file=sys.stderr)
+        return 1
+    url = server.url
+    try:
+        print(f"[demo] serving on {url}", flush=True)
         for documents, question in QUESTIONS:
             r = httpx2.post(url + "/v1/query", json={"documents": documents, "question": question,
                                                      "max_tokens": args.max_tokens}, timeout=300)
@@ -69,13 +48,7 @@ def main() -> int:
                   f"total {t['total_ms']:.0f} ms, {t['tokens_per_s']:.1f} tokens/s", flush=True)
         return 0
     finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=90)
-                print(f"\n[demo] server shut down (exit {server.returncode})", flush=True)
-            except subprocess.TimeoutExpired:
-                server.kill()
+        print(f"\n[demo] server shut down (exit {server.stop()})", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,11 @@ import pytest
 import torch
 
 from ctxtree.store import TreeStore, document_key
+from serve.launch import free_port
 from tests.conftest import REPO
 
 TREE_ARGS = ["--layers", "2", "--chunk-len", "256", "--keep", "8", "--progress-seconds", "2"]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env() -> dict:

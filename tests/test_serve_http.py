@@ -3,25 +3,15 @@ pipeline's unit of work; the official openai client over HTTP; a clean shutdown.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ctxtree.store import TreeStore
 from pipelines.document import CompressSettings, compress_document
+from serve.launch import ServeProcess
 from tests.conftest import REPO
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -29,34 +19,13 @@ def server(smollm_runtime, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("serve-store"))
     compress_document(smollm_runtime, TreeStore(store), "gpl", (REPO / "samples" / "GPL-3.txt").read_text()[:5000],
                       CompressSettings())
-    port = free_port()
     log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ctxtree.cli", "serve", "--store", store, "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    import httpx2
-
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ctxtree serve exited early: see {log.name}")
-        try:
-            if httpx2.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        except httpx2.HTTPError:
-            pass
-        time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"ctxtree serve did not become healthy: see {log.name}")
-    yield url, proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    try:
+        srv = ServeProcess(store, log=log, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO), timeout_s=240)
+    except RuntimeError as e:
+        pytest.fail(f"{e}: see {log.name}")
+    yield srv.url, srv.proc
+    srv.stop()
     log.close()
 
 
@@ -113,34 +82,19 @@ def test_overload_is_503_from_the_bounded_queue(smollm_runtime, tmp_path):
     store = str(tmp_path / "store")
     compress_document(smollm_runtime, TreeStore(store), "gpl", (REPO / "samples" / "GPL-3.txt").read_text()[:3000],
                       CompressSettings())
-    port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ctxtree.cli", "serve", "--store", store, "--port", str(port),
-                             "--max-ongoing", "1", "--max-queued", "1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
+    srv = ServeProcess(store, ("--max-ongoing", "1", "--max-queued", "1"), env={"PYTHONPATH": str(REPO)},
+                       cwd=str(REPO), timeout_s=240)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if httpx2.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx2.HTTPError:
-                time.sleep(1)
         body = {"documents": ["gpl"], "question": "Summarize it.", "max_tokens": 48}
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(lambda _: httpx2.post(url + "/v1/query", json=body, timeout=120).status_code,
+            statuses = list(pool.map(lambda _: httpx2.post(srv.url + "/v1/query", json=body, timeout=120).status_code,
                                      range(8)))
         assert statuses.count(503) >= 1 and statuses.count(200) >= 1, statuses
         assert set(statuses) <= {200, 503}
-        ok = httpx2.post(url + "/v1/query", json={**body, "max_tokens": 2}, timeout=120)
+        ok = httpx2.post(srv.url + "/v1/query", json={**body, "max_tokens": 2}, timeout=120)
         assert ok.status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        assert srv.stop() == 0
 
 
 def test_shutdown_is_clean(server):
