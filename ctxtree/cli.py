@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.compress import main as compress_main
 
         return compress_main(argv[1:], prog="ctxtree compress")
+    if argv[:1] == ["train"]:
+        from pipelines.train import main as train_main
+
+        return train_main(argv[1:], prog="ctxtree train")
     if argv[:1] == ["serve"]:
         from serve.run import main as serve_main
 
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("compress", add_help=False,
                    help="compress a corpus into a tree store on Ray Data (see `ctxtree compress --help`)")
+    sub.add_parser("train", add_help=False,
+                   help="train the injection weights on Ray Train (see `ctxtree train --help`)")
     sub.add_parser("serve", add_help=False,
                    help="serve a tree store over HTTP on Ray Serve (see `ctxtree serve --help`)")
     ask = sub.add_parser("ask", help="answer a question about local text files (single process, trees in memory)")

@@ -1,0 +1,121 @@
+"""Compressed chunks for training, built once and kept on disk.
+
+Trees are per-chunk independent (method.md §3), so a training document of n chunks is
+assembled from n already-compressed chunks: plain haystack chunks (cached by their
+position in the haystack) and needle chunks (a haystack chunk with facts overwritten
+into it, cached by pool index). A training step then costs only the decoder's forward
+and backward pass; compression is paid once per chunk, not once per step.
+
+Chunks are stored in the tree-object format (kernels/treefile.py: checksummed,
+safetensors payload, never pickled) under <pool_dir>/<fingerprint[:16]>/, written
+atomically, so several workers and a resumed run share them safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kernels.llama import Llama
+from kernels.tree import ContextTree, TreeConfig, build_tree, concat_trees
+from kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard
+from pipelines.data import Fact, Haystack, NeedleChunk, make_needle_chunk
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ChunkCache:
+    """Single-chunk trees by name, in memory once loaded, on disk across runs."""
+
+    def __init__(self, cache_dir: Path, fingerprint: str, model: Llama, cfg: TreeConfig):
+        self.dir = Path(cache_dir) / fingerprint[:16]
+        self.fingerprint, self.model, self.cfg = fingerprint, model, cfg
+        self._trees: dict[str, ContextTree] = {}
+        self.built = 0  # chunks compressed by this process (the rest came from disk)
+
+    def tree(self, name: str, tokens: list[int]) -> ContextTree:
+        if name in self._trees:
+            return self._trees[name]
+        path = self.dir / f"{name}.ctt"
+        # the file is only reused for exactly these tokens (a changed generator rebuilds it)
+        content_id = f"{name}:{hashlib.sha256(str(tokens).encode()).hexdigest()[:16]}"
+        tree = None
+        if path.is_file():
+            try:
+                shard = decode_shard(path.read_bytes(), str(path))
+                if shard.fingerprint == self.fingerprint and shard.doc_id == content_id:
+                    tree = shard.tree
+            except CorruptTreeError:
+                tree = None  # a torn or stale file: rebuild it
+        if tree is None:
+            tree = build_tree(self.model, torch.tensor(tokens), self.cfg)
+            _atomic_write(path, encode_shard(TreeShard(self.fingerprint, content_id, len(tokens), 1, tree)))
+            self.built += 1
+        self._trees[name] = tree
+        return tree
+
+    def document(self, tokens: list[int]) -> ContextTree:
+        """A whole document's tree, chunk by chunk through the cache (chunks are independent)."""
+        L = self.cfg.chunk_len
+        chunks = [tokens[i:i + L] for i in range(0, len(tokens), L)]
+        return assemble([self.tree("c-" + hashlib.sha256(str(c).encode()).hexdigest()[:24], c) for c in chunks])
+
+
+class ChunkPool:
+    """Haystack and needle chunk trees of one split, for training."""
+
+    def __init__(self, cache: ChunkCache, tokenizer, haystack: Haystack, seed: int,
+                 digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4):
+        self.cache, self.tokenizer, self.cfg = cache, tokenizer, cache.cfg
+        self.haystack, self.seed, self.digits, self.facts_per_chunk = haystack, seed, digits, facts_per_chunk
+        self._needles: dict[int, tuple[list[Fact], list[str], list[int]]] = {}
+
+    @property
+    def built(self) -> int:
+        return self.cache.built
+
+    @property
+    def n_haystack_chunks(self) -> int:
+        return len(self.haystack) // self.cfg.chunk_len
+
+    def haystack_chunk(self, index: int) -> ContextTree:
+        L = self.cfg.chunk_len
+        return self.cache.tree(f"{self.haystack.split}-hay-{index:06d}", self.haystack.tokens[index * L:(index + 1) * L])
+
+    def needle_chunk(self, index: int) -> tuple[ContextTree, list[Fact], list[str], list[int]]:
+        """The tree, facts, per-fact questions and value positions of needle chunk `index`."""
+        name = f"{self.haystack.split}-needle-{self.seed}-{self.digits[0]}-{self.digits[1]}-{index:06d}"
+        if index not in self._needles:
+            meta_path = self.cache.dir / f"{name}.json"
+            chunk: NeedleChunk = make_needle_chunk(self.tokenizer, self.haystack, index, self.seed,
+                                                   self.cfg.chunk_len, self.facts_per_chunk, self.digits)
+            self._needles[index] = (chunk.facts, chunk.questions, chunk.value_positions)
+            tree = self.cache.tree(name, chunk.tokens)
+            if not meta_path.is_file():  # for people inspecting the pool; never read back
+                _atomic_write(meta_path, json.dumps({"facts": [f.__dict__ for f in chunk.facts],
+                                                     "questions": chunk.questions}, indent=1).encode())
+            return tree, chunk.facts, chunk.questions, chunk.value_positions
+        facts, questions, value_positions = self._needles[index]
+        return self.cache.tree(name, []), facts, questions, value_positions
+
+
+def assemble(chunks: list[ContextTree]) -> ContextTree:
+    """One document's tree from single-chunk trees, in order (chunk indices renumbered)."""
+    renumbered = [replace(t, first_chunk=i) for i, t in enumerate(chunks)]
+    return concat_trees(renumbered)
