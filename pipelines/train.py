@@ -136,7 +136,7 @@ def train_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ctxtree.runtime import cache_dir, load_runtime
+    from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
     from kernels.inject import load_adapter
     from pipelines.chunk_pool import ChunkCache, ChunkPool
     from pipelines.data import load_haystack
@@ -157,7 +157,7 @@ def train_loop(config: dict) -> None:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rt = load_runtime(Path(cfg.model) if cfg.model else None, cfg.tree_config(), adapter=None)
+    rt = load_runtime(Path(cfg.model) if cfg.model else None, cfg.tree_config(), adapter=NO_ADAPTER)
     if cfg.use_gpu and torch.cuda.is_available():
         rt.model.to(f"cuda:{torch.cuda.current_device()}")
     decoder = rt.decoder
@@ -214,6 +214,13 @@ def train_loop(config: dict) -> None:
         return out
 
     log = (out / LOG).open("a") if rank == 0 else None
+    if start == 0:  # the starting point, for the record: where the loss curve is judged from
+        initial = {"step": 0, **evaluate()}
+        if rank == 0:
+            log.write(json.dumps({"time": time.time(), **initial}) + "\n")
+            log.flush()
+            print("[train] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in initial.items()), flush=True)
     window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
     metrics: dict = {}
     for step in range(start, cfg.steps):

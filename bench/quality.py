@@ -1,0 +1,232 @@
+"""Answer quality against document length, on held-out questions (pipelines/data.py).
+
+    python -m bench.quality [--questions 13] [--lengths 1024 ... 65536] [--out bench/results/quality.json]
+                            [--plot docs/quality.png] [--adapter DIR] [--methods query right ...]
+
+Methods, all on the same held-out samples (haystack text, entities, templates and
+question phrasings never seen in training):
+- `query`:  the injection decoder with the shipped (or --adapter) weights, search policy query;
+- `right`:  the same, search policy right (the paper's language-modelling rule);
+- `norope`: the same, cross_rope none (no chunk-level positions);
+- `zero`:   the zero-initialised injection decoder (exactly the base model, no document);
+- `base`:   the base model with the document in its prompt, truncated to its window
+            (the whole document where it fits);
+- `bm25`:   retrieval: the BM25 top-k passages of the document given to the base model.
+
+Exact match: every expected value appears in the answer as a whole number (data.is_correct).
+Reported per method and length: accuracy, per needle kind, seconds per question (answer
+time; trees are built beforehand, as the endpoint has them, and their build time is
+reported separately). --questions is per (length, kind): 13 gives 52 per point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ctxtree.answer import answer_question
+from ctxtree.runtime import cache_dir, load_runtime
+from kernels.generate import SamplingConfig, generate
+from kernels.inject import InjectionDecoder, load_adapter
+from pipelines.chunk_pool import ChunkCache
+from pipelines.data import KINDS, is_correct, load_haystack, make_sample
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = ("query", "right", "norope", "zero", "base", "bm25")
+LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+PROMPT = "Read the text and answer the question.\n\nText:\n{context}\n\nQuestion: {question}"
+
+
+# ---- BM25 over passages (the retrieval baseline) -------------------------------------
+
+def passages(text: str, max_words: int = 100) -> list[str]:
+    """Blank-line paragraphs, long ones cut into pieces of at most max_words words."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        words = para.split()
+        for i in range(0, len(words), max_words):
+            out.append(" ".join(words[i:i + max_words]))
+    return [p for p in out if p]
+
+
+def _terms(s: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", s.lower())
+
+
+def bm25_top(question: str, docs: list[str], k: int, k1: float = 1.5, b: float = 0.75) -> list[int]:
+    """Indices of the k best passages for the question (Okapi BM25), best first."""
+    tokenized = [_terms(d) for d in docs]
+    n = len(docs)
+    avg = sum(len(t) for t in tokenized) / max(1, n)
+    df = Counter(term for t in tokenized for term in set(t))
+    scores = []
+    query = set(_terms(question))
+    for t in tokenized:
+        tf = Counter(t)
+        s = 0.0
+        for term in query:
+            if term in tf:
+                idf = math.log(1 + (n - df[term] + 0.5) / (df[term] + 0.5))
+                s += idf * tf[term] * (k1 + 1) / (tf[term] + k1 * (1 - b + b * len(t) / avg))
+        scores.append(s)
+    return sorted(range(n), key=lambda i: -scores[i])[:k]
+
+
+# ---- the methods ------------------------------------------------------------------------
+
+def base_answer(rt, decoder: InjectionDecoder, context: str, question: str, sampling: SamplingConfig) -> str:
+    text = rt.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(context=context,
+                                                                                          question=question)}],
+                                            tokenize=False, add_generation_prompt=True)
+    prompt = rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = []
+    for step in generate(decoder, [prompt], None, sampling, rt.stop_ids, [torch.Generator().manual_seed(0)]):
+        if step[0] is None or step[0] in rt.stop_ids:
+            break
+        tokens.append(step[0])
+    return rt.tokenizer.decode(tokens)
+
+
+def base_context(rt, documents: list[list[int]], question: str, max_tokens: int) -> str:
+    """The documents as they fit the base model's window: whole where they fit, else each
+    cut to an equal share (the head of each document is kept, as users truncate)."""
+    overhead = len(rt.tokenizer(PROMPT.format(context="", question=question))["input_ids"]) + 64
+    window = rt.model.cfg.max_position_embeddings - overhead - max_tokens
+    per_document = max(0, window // len(documents))
+    return "\n\n".join(rt.tokenizer.decode(d[:per_document]) for d in documents)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=13, help="per (length, needle kind)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--base-questions", type=int, default=None,
+                    help="cap per (length, kind) for `base` beyond 4K tokens (40 s a question at 8K)")
+    ap.add_argument("--adapter", default=None, help="injection weights (default: the shipped adapter)")
+    ap.add_argument("--bm25-k", type=int, default=4, help="passages given to the base model")
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
+    ap.add_argument("--plot", type=Path, default=REPO / "docs" / "quality.png")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    rt = load_runtime(adapter=Path(args.adapter) if args.adapter else None)
+    adapter_dir = rt.adapter_dir
+    decoders = {"query": rt.decoder, "right": rt.decoder,
+                "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
+                "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval()}
+    base_decoder = decoders["zero"]  # without injected context: exactly the base model
+    haystack = load_haystack(rt.tokenizer, "heldout")
+    chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)
+    sampling = SamplingConfig(max_tokens=args.max_tokens)
+    results: dict = {m: {} for m in args.methods}
+    build_s, built_tokens = 0.0, 0
+    records = []
+    t_start = time.perf_counter()
+    for length in args.lengths:
+        for kind in args.kinds:
+            for i in range(args.questions):
+                s = make_sample(rt.tokenizer, haystack, i, length, kind, seed=args.seed,
+                                align=rt.tree_config.chunk_len)
+                t0, before = time.perf_counter(), chunks.built
+                trees = [chunks.document(d) for d in s.documents]
+                if chunks.built > before:
+                    build_s += time.perf_counter() - t0
+                    built_tokens += (chunks.built - before) * rt.tree_config.chunk_len
+                texts = None
+                for method in args.methods:
+                    if method in ("query", "right", "norope") and adapter_dir is None:
+                        continue
+                    if (method == "base" and args.base_questions is not None and length > 4096
+                            and i >= args.base_questions):
+                        continue
+                    t0 = time.perf_counter()
+                    if method in ("query", "right", "norope", "zero"):
+                        rt.decoder = decoders[method]
+                        ans = answer_question(rt, trees, s.question, sampling,
+                                              policy="right" if method == "right" else "query").text
+                    else:
+                        texts = texts or s.texts(rt.tokenizer)
+                        if method == "base":
+                            context = base_context(rt, s.documents, s.question, args.max_tokens)
+                        else:
+                            ps = [p for t in texts for p in passages(t)]
+                            top = sorted(bm25_top(s.question, ps, args.bm25_k))
+                            context = "\n\n".join(ps[j] for j in top)
+                        ans = base_answer(rt, base_decoder, context, s.question, sampling)
+                    dt = time.perf_counter() - t0
+                    ok = is_correct(ans, s)
+                    records.append({"method": method, "length": length, "kind": kind, "index": i,
+                                    "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers})
+                print(f"[quality] {length} {kind} {i}: " + " ".join(
+                    f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
+                    if r["length"] == length and r["kind"] == kind and r["index"] == i),
+                    f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+    rt.decoder = decoders["query"]
+    for method in args.methods:
+        for length in args.lengths:
+            rs = [r for r in records if r["method"] == method and r["length"] == length]
+            if not rs:
+                continue
+            results[method][str(length)] = {
+                "accuracy": sum(r["correct"] for r in rs) / len(rs), "questions": len(rs),
+                "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / max(1, sum(
+                    1 for r in rs if r["kind"] == k)) for k in args.kinds},
+                "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
+    report = {
+        "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                                            "platform": platform.platform()},
+        "model": rt.ckpt_dir.name, "adapter": str(adapter_dir) if adapter_dir else None,
+        "adapter_meta": json.loads((adapter_dir / "adapter.json").read_text()) if adapter_dir else None,
+        "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
+        "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
+        "tree_build_tokens_per_s": built_tokens / build_s if build_s else None,
+        "results": results, "records": records,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    plot(report, args.plot)
+    print(json.dumps({m: {k: v["accuracy"] for k, v in r.items()} for m, r in results.items()}, indent=1))
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, by_len in report["results"].items():
+        if not by_len:
+            continue
+        xs = sorted(int(k) for k in by_len)
+        ax.plot(xs, [100 * by_len[str(x)]["accuracy"] for x in xs], marker="o", label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("document tokens")
+    ax.set_ylabel("exact match, % (held-out)")
+    ax.set_ylim(-2, 102)
+    ax.axvline(8192, color="grey", linestyle=":", linewidth=1)
+    ax.set_title(f"ctxtree quality: {report['model']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Training data and `ctxtree train`: the generator is deterministic and its splits never
+meet; a short run on a tiny random model lowers the loss, survives a kill and resumes from
+its checkpoint; the adapter it writes loads in `ctxtree ask`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, save_tiny
+from pipelines.data import (HELDOUT_VOCAB, KINDS, TRAIN_VOCAB, haystack_texts, is_correct, load_haystack,
+                            make_needle_chunk, make_sample)
+
+STEPS = 200  # long enough that the kill lands mid-run (a tiny step takes ~30 ms)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm_dir):
+    from kernels.weights import load_tokenizer
+
+    return load_tokenizer(smollm_dir)
+
+
+@pytest.fixture(scope="module")
+def haystacks(tokenizer):
+    return {split: load_haystack(tokenizer, split) for split in ("train", "heldout")}
+
+
+def test_samples_are_deterministic_and_hold_their_facts(tokenizer, haystacks):
+    for split, hay in haystacks.items():
+        for kind in KINDS:
+            a = make_sample(tokenizer, hay, 7, 2048, kind, seed=3)
+            b = make_sample(tokenizer, hay, 7, 2048, kind, seed=3)
+            assert a == b
+            other = make_sample(tokenizer, hay, 8, 2048, kind, seed=3)
+            assert (other.documents, other.question) != (a.documents, a.question)
+            assert sum(len(d) for d in a.documents) == 2048
+            assert len(a.documents) == (2 if kind == "spread" else 1)
+            text = "\n".join(a.texts(tokenizer))
+            for fact in a.facts:  # every fact is readable in the document text, value included
+                assert fact.sentence in text
+            assert all(v in text for v in a.answers)
+            assert is_correct(f"It is {' and '.join(a.answers)}.", a)
+            assert not is_correct("It is " + a.answers[0] + "1", a)
+            if kind == "multi":
+                assert len(a.facts) == 4 and len({f.value for f in a.facts}) == 4
+
+
+def test_splits_never_overlap(tokenizer, haystacks):
+    train_names = {n for n, _ in haystack_texts("train")}
+    heldout_names = {n for n, _ in haystack_texts("heldout")}
+    assert train_names and heldout_names and not train_names & heldout_names
+    for field in ("colors", "places", "attributes", "facts", "questions", "pair_questions", "paraphrase"):
+        assert not set(getattr(TRAIN_VOCAB, field)) & set(getattr(HELDOUT_VOCAB, field)), field
+    paraphrases = [set(x for pair in v.paraphrase for x in pair) for v in (TRAIN_VOCAB, HELDOUT_VOCAB)]
+    assert not paraphrases[0] & paraphrases[1]
+    # held-out documents are held-out text: no 64-token window of one appears in training text
+    train_tokens = haystacks["train"].tokens
+    windows = {tuple(train_tokens[i:i + 64]) for i in range(0, len(train_tokens) - 64, 16)}
+    s = make_sample(tokenizer, haystacks["heldout"], 0, 4096, "single")
+    doc = s.documents[0]
+    assert not any(tuple(doc[i:i + 64]) in windows for i in range(0, len(doc) - 64, 16))
+    # training needle chunks use training entities only
+    chunk = make_needle_chunk(tokenizer, haystacks["train"], 0, 0, 1024)
+    for fact in chunk.facts:
+        color, place = fact.entity.split()[1:]
+        assert color in TRAIN_VOCAB.colors and place in TRAIN_VOCAB.places
+    # a 64K-token held-out document exists (the longest point of bench/quality.py)
+    assert len(make_sample(tokenizer, haystacks["heldout"], 0, 65536, "single").documents[0]) == 65536
+
+
+def test_bad_sample_requests_are_refused(tokenizer, haystacks):
+    with pytest.raises(ValueError, match="kind"):
+        make_sample(tokenizer, haystacks["train"], 0, 2048, "riddle")
+    with pytest.raises(ValueError, match="exceeds"):
+        make_sample(tokenizer, haystacks["heldout"], 0, 10 ** 6, "single")
+    with pytest.raises(ValueError, match="too short"):
+        make_sample(tokenizer, haystacks["train"], 0, 32, "single")
+
+
+# ---- ctxtree train on a tiny random model -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory, smollm_dir) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer and chat template (so the real data fit)."""
+    path = save_tiny(tmp_path_factory.mktemp("tiny-chat"), seed=1, vocab_size=49152, hidden_size=64,
+                     intermediate_size=128, num_hidden_layers=3, max_position_embeddings=2048,
+                     initializer_range=0.1)  # logits with some range, so the loss can move
+    for name in TOKENIZER_FILES:
+        if (smollm_dir / name).is_file():
+            shutil.copy(smollm_dir / name, path / name)
+    return path
+
+
+def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "pipelines.train", "--model", str(model), "--out", str(out),
+            "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",
+            "--layers", "2", "--chunk-len", "128", "--keep", "8", "--pool-size", "6", "--digits", "1-2",
+            "--max-chunks", "2", "--ramp-steps", "10", "--eval-every", "50", "--eval-chunks", "1",
+            "--checkpoint-every", "5", "--log-every", "5", "--threads", "1"]
+
+
+def env() -> dict:
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(REPO)}
+
+
+def log_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_path):
+    out, pool = tmp_path / "run", tmp_path / "pool"
+    # first run: killed (its whole process group, Ray included) once a checkpoint exists
+    proc = subprocess.Popen(train_cmd(tiny_chat_model, out, pool, STEPS), env=env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "checkpoints").glob("step-0000015")):
+            assert proc.poll() is None, "training exited before its first checkpoints"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
+        proc.wait(timeout=60)
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert 15 <= killed_at < STEPS
+    assert not (out / "adapter").exists()
+
+    res = subprocess.run(train_cmd(tiny_chat_model, out, pool, STEPS), env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resume from {out / 'checkpoints'}" in res.stdout + res.stderr
+    rows = log_rows(out)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps[-1] == STEPS
+    # resumed where the checkpoint left off, not from scratch: one starting evaluation only
+    assert sum(1 for r in rows if r["step"] == 0) == 1, rows
+    assert steps.count(killed_at + 5) == 1, (killed_at, steps)
+    # held-out answer loss (the same questions every time) fell
+    evals = {r["step"]: r["eval_search_loss"] for r in rows if "eval_search_loss" in r}
+    assert evals[STEPS] < evals[0] - 1.0, evals
+    adapter = out / "adapter"
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert meta["trained_steps"] == STEPS and meta["n_layers"] == 2 and meta["base_weights_digest"]
+    # checkpoints are safetensors + JSON only: nothing to unpickle
+    assert {p.suffix for p in (out / "checkpoints").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
+
+    # the recipe is fixed per run directory
+    bad = subprocess.run(train_cmd(tiny_chat_model, out, pool, STEPS)[:-2] + ["--threads", "1", "--lr", "0.5"],
+                         env=env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "another recipe" in bad.stderr and "lr" in bad.stderr
+
+    # the adapter loads in `ctxtree ask`; an adapter for other weights is refused
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The access code of the amber chapel is 42.\n" * 20)
+    ask = [sys.executable, "-m", "ctxtree.cli", "ask", "--model", str(tiny_chat_model), "--layers", "2",
+           "--chunk-len", "128", "--keep", "8", "--doc", str(doc), "--question", "What is the access code?",
+           "--max-tokens", "4"]
+    ok = subprocess.run(ask + ["--adapter", str(adapter)], env=env(), cwd=REPO, capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "A: " in ok.stdout and "timings:" in ok.stdout
+    other = save_tiny(tmp_path / "other", seed=9, vocab_size=49152, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=3, max_position_embeddings=2048)
+    for name in TOKENIZER_FILES:
+        if (tiny_chat_model / name).is_file():
+            shutil.copy(tiny_chat_model / name, other / name)
+    ask[ask.index("--model") + 1] = str(other)
+    refused = subprocess.run(ask + ["--adapter", str(adapter)], env=env(), cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "trained for base weights" in refused.stderr
