@@ -37,6 +37,7 @@ from ctxtree.answer import answer_question
 from ctxtree.runtime import cache_dir, load_runtime
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder, load_adapter
+from kernels.tree import node_spans
 from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
@@ -96,6 +97,19 @@ def base_answer(rt, decoder: InjectionDecoder, context: str, question: str, samp
     return rt.tokenizer.decode(tokens)
 
 
+def injected_level(tree, selection: torch.Tensor, position: int) -> int:
+    """Tree level (1..h) of the injected node holding document token `position`; 0 if none."""
+    chunk, offset = 0, position
+    while offset >= tree.chunk_lengths[chunk]:
+        offset -= tree.chunk_lengths[chunk]
+        chunk += 1
+    spans = node_spans(tree.chunk_lengths[chunk], tree.config.height)
+    for node in selection[chunk].tolist():
+        if spans[node][0] <= offset < spans[node][1]:
+            return (node + 1).bit_length() - 1  # heap index -> level
+    return 0
+
+
 def base_context(rt, documents: list[list[int]], question: str, max_tokens: int) -> str:
     """The documents as they fit the base model's window: whole where they fit, else each
     cut to an equal share (the head of each document is kept, as users truncate)."""
@@ -115,7 +129,8 @@ def main() -> None:
                     help="cap per (length, kind) for `base` beyond 4K tokens (40 s a question at 8K)")
     ap.add_argument("--adapter", default=None, help="injection weights (default: the shipped adapter)")
     ap.add_argument("--bm25-k", type=int, default=4, help="passages given to the base model")
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=48,
+                    help="answer budget (the base model answers in sentences; the decoder stops early)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
@@ -155,10 +170,14 @@ def main() -> None:
                             and i >= args.base_questions):
                         continue
                     t0 = time.perf_counter()
+                    level = None
                     if method in ("query", "right", "norope", "zero"):
                         rt.decoder = decoders[method]
-                        ans = answer_question(rt, trees, s.question, sampling,
-                                              policy="right" if method == "right" else "query").text
+                        answer = answer_question(rt, trees, s.question, sampling,
+                                                 policy="right" if method == "right" else "query")
+                        ans = answer.text
+                        level = [injected_level(trees[d], answer.selections[d], pos)
+                                 for d, pos in s.answer_positions]
                     else:
                         texts = texts or s.texts(rt.tokenizer)
                         if method == "base":
@@ -171,7 +190,8 @@ def main() -> None:
                     dt = time.perf_counter() - t0
                     ok = is_correct(ans, s)
                     records.append({"method": method, "length": length, "kind": kind, "index": i,
-                                    "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers})
+                                    "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers,
+                                    "answer_level": level})
                 print(f"[quality] {length} {kind} {i}: " + " ".join(
                     f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
                     if r["length"] == length and r["kind"] == kind and r["index"] == i),
@@ -187,6 +207,9 @@ def main() -> None:
                 "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / max(1, sum(
                     1 for r in rs if r["kind"] == k)) for k in args.kinds},
                 "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
+            levels = [lv for r in rs for lv in (r["answer_level"] or [])]
+            if levels:  # where search put the asked values: finest level (1/4 kept) or coarser
+                results[method][str(length)]["answer_in_finest_node"] = sum(lv == rt.tree_config.height for lv in levels) / len(levels)
     report = {
         "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                             "platform": platform.platform()},

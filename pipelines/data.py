@@ -151,6 +151,7 @@ class Sample:
     target: str                 # the answer text the decoder is trained to give
     facts: list[Fact] = field(default_factory=list)
     needle_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (document, start, end)
+    answer_positions: list[tuple[int, int]] = field(default_factory=list)  # asked values: (document, token)
     haystack_starts: list[int] = field(default_factory=list)  # where each document starts in the haystack
 
     def texts(self, tokenizer) -> list[str]:
@@ -233,7 +234,7 @@ def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: st
         start = rng.randrange((len(haystack) - doc_len) // align + 1) * align
         documents.append(list(haystack.tokens[start:start + doc_len]))
         starts.append(start)
-    facts, spans = [], []
+    facts, spans, value_at = [], [], {}
     per_doc: list[list[int]] = [[] for _ in range(n_docs)]
     for rank, f in enumerate(order):
         per_doc[f if kind == "spread" else 0].append(f)
@@ -254,13 +255,16 @@ def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: st
             pos = rng.choice(inside) if inside else rng.randrange(r0, max(r0, r1) + 1)
             documents[d][pos:pos + len(toks)] = toks
             spans.append((d, pos, pos + len(toks)))
+            before = sentences[f][:sentences[f].index(values[f])]
+            value_at[f] = (d, pos + len(tokenizer(" " + before, add_special_tokens=False)["input_ids"]))
             facts.append(Fact(entity=entities[f], attribute=attr, value=values[f], sentence=sentences[f],
                               document=d))
     answers = [values[i] for i in asked]
     target = " and ".join(answers)
     return Sample(id=f"{split}-{kind}-{length}-{seed}-{index}", split=split, kind=kind, length=length,
                   documents=documents, question=question, answers=answers, target=target,
-                  facts=facts, needle_spans=spans, haystack_starts=starts)
+                  facts=facts, needle_spans=spans, answer_positions=[value_at[i] for i in asked],
+                  haystack_starts=starts)
 
 
 def _range(sorted_positions: list[int], lo: int, hi: int) -> list[int]:
