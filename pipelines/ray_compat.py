@@ -64,8 +64,12 @@ FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_D
                  "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "CTXTREE_CACHE")
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to `address` (or RAY_ADDRESS, as under `ray job submit`), else start a local Ray."""
+def init_ray(address: str | None, dashboard: bool = False) -> None:
+    """Connect to `address` (or RAY_ADDRESS, as under `ray job submit`), else start a local Ray.
+
+    dashboard: start a local Ray with its dashboard (Ray Train's controller watches its
+    workers through the state API, which the dashboard serves; without it, it logs a
+    warning every second)."""
     DataContext.get_current().target_max_block_size = BLOCK_BYTES
     if ray.is_initialized():
         return
@@ -77,4 +81,5 @@ def init_ray(address: str | None) -> None:
     else:
         # "local": always a fresh single-node Ray. A bare ray.init() would instead join
         # whatever cluster /tmp/ray/ray_current_cluster last named, even a dead one.
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+        ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=True,
+                 runtime_env=runtime_env)

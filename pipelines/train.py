@@ -304,7 +304,7 @@ def run(cfg: TrainConfig, address: str | None = None) -> Path:
                              "use a new --out")
     else:
         recipe_path.write_text(json.dumps(cfg.recipe(), indent=1, sort_keys=True))
-    init_ray(address)
+    init_ray(address, dashboard=True)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=dataclasses.asdict(cfg),
