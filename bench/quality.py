@@ -133,6 +133,9 @@ def main() -> None:
                     help="answer budget (the base model answers in sentences; the decoder stops early)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep --out's records of the methods not run now (e.g. rerun only the injection "
+                         "methods after training; the samples are the same for the same seed)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "quality.png")
     args = ap.parse_args()
@@ -197,15 +200,23 @@ def main() -> None:
                     if r["length"] == length and r["kind"] == kind and r["index"] == i),
                     f"({time.perf_counter() - t_start:.0f} s)", flush=True)
     rt.decoder = decoders["query"]
-    for method in args.methods:
-        for length in args.lengths:
+    methods, old = list(args.methods), {}
+    if args.update and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        kept = [r for r in old["records"] if r["method"] not in args.methods]
+        records = kept + records
+        methods = [m for m in METHODS if m in {r["method"] for r in records}]
+        results = {m: {} for m in methods}
+    lengths = sorted({r["length"] for r in records})
+    for method in methods:
+        for length in lengths:
             rs = [r for r in records if r["method"] == method and r["length"] == length]
             if not rs:
                 continue
             results[method][str(length)] = {
                 "accuracy": sum(r["correct"] for r in rs) / len(rs), "questions": len(rs),
                 "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / max(1, sum(
-                    1 for r in rs if r["kind"] == k)) for k in args.kinds},
+                    1 for r in rs if r["kind"] == k)) for k in sorted({r["kind"] for r in rs})},
                 "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
             levels = [lv for r in rs for lv in (r["answer_level"] or [])]
             if levels:  # where search put the asked values: finest level (1/4 kept) or coarser
@@ -217,7 +228,8 @@ def main() -> None:
         "adapter_meta": json.loads((adapter_dir / "adapter.json").read_text()) if adapter_dir else None,
         "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
         "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
-        "tree_build_tokens_per_s": built_tokens / build_s if build_s else None,
+        "tree_build_tokens_per_s": built_tokens / build_s if build_s else (
+            old.get("tree_build_tokens_per_s") if args.update and args.out.is_file() else None),
         "results": results, "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

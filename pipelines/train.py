@@ -1,7 +1,10 @@
 """`ctxtree train`: train the injection weights on Ray Train (method.md §6).
 
-    ctxtree train --out runs/m4 --steps 3000            # local Ray, one CPU worker
-    ctxtree train --out s3://... --workers 4 --use-gpu   # not yet: --out is a local path
+    ctxtree train --out runs/m4                                # local Ray, one CPU worker
+    ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
+
+The defaults are the recipe of the shipped adapter (docs/training.md); --out must be a
+path every worker can write (a shared filesystem on a cluster; rank 0 writes).
 
 A TorchTrainer runs `train_loop` on each worker (CPU here, GPU on a cluster); gradients
 of the adapter are averaged across workers. Data come from pipelines/data.py through a
@@ -13,7 +16,7 @@ place) and reported to Ray Train. Running the same command again, after a kill o
 train further with a larger --steps, continues from the newest checkpoint; the example
 stream is a function of (seed, step), so a resumed run sees the data it would have seen.
 The result is <out>/adapter/ (adapter.safetensors + adapter.json with the base model's
-digest), loadable with `--adapter` by ask, compress-free serving and the endpoint.
+digest), loaded with `--adapter DIR` by `ctxtree ask` and `ctxtree serve`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 3000
+    steps: int = 4000
     batch: int = 4
     lr: float = 1e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
@@ -53,10 +56,10 @@ class TrainConfig:
     height: int = 3
     keep: int = 32
     pool_dir: str | None = None           # default <cache>/train-pool
-    pool_size: int = 512                  # needle chunks (4 facts each)
+    pool_size: int = 256                  # needle chunks (4 facts each)
     digits: tuple[int, int] = (2, 6)
     max_chunks: int = 8                   # context chunks per document at the end of the curriculum
-    ramp_steps: int = 1000                # steps from 1 chunk per document to max_chunks
+    ramp_steps: int = 1500                # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.2
     oracle_fraction: float = 0.5          # examples routed to the answer's nodes (teacher routing)
     checkpoint_every: int = 50
