@@ -1,8 +1,9 @@
 """The HTTP API (design.md): /v1/query, OpenAI-compatible /v1/chat/completions and
 /v1/models, /v1/documents/{id}, /v1/prewarm, /healthz, /metrics.
 
-Routes are thin: validate (pydantic), call one DecoderService method, and map domain
-errors to HTTP in `error_response`, written once. Errors use the OpenAI error shape
+Routes are thin: validate (pydantic), call one Backend method (serve/backends.py: a
+local DecoderService, or decoder replicas behind a Serve handle), and turn a Failure
+(serve/protocol.py, where errors map to status codes, once) into the OpenAI error shape
 ({"error": {"message", "type", "code"}}) everywhere. Streams fail early: the first
 piece is awaited before the 200 is sent, so a bad request never becomes a broken
 stream; SSE ends with `data: [DONE]`, and a client that disconnects stops its tokens.
@@ -21,11 +22,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ctxtree.store import Corrupt, FingerprintMismatch, NotFound
 from kernels.generate import SamplingConfig
+from serve.backends import Backend, LocalBackend
 from serve.metrics import Metrics
-from serve.service import AnswerEnd, DecoderService, RequestTooLarge
-from serve.tree_cache import TooLarge
+from serve.protocol import AnswerRequest, Failure, failure_of
+from serve.service import AnswerEnd, DecoderService
 
 API_TOKEN_ENV = "CTXTREE_API_TOKEN"
 
@@ -65,31 +66,29 @@ class DocumentsRequest(BaseModel):
     documents: list[str] = Field(min_length=1)
 
 
-def error_response(e: Exception) -> JSONResponse:
-    """The one mapping from domain errors to HTTP."""
-    if isinstance(e, NotFound):
-        status, code = 404, "document_not_found"
-    elif isinstance(e, FingerprintMismatch):
-        status, code = 409, "fingerprint_mismatch"
-    elif isinstance(e, (RequestTooLarge, TooLarge)):
-        status, code = 413, "request_too_large"
-    elif isinstance(e, Corrupt):
-        status, code = 500, "corrupt_tree_object"
-    elif isinstance(e, ValueError):
-        status, code = 422, "invalid_request"
-    else:
-        status, code = 500, "internal_error"
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": str(e), "type": kind, "code": code}}, status_code=status)
+def error_response(e: Exception | Failure) -> JSONResponse:
+    f = e if isinstance(e, Failure) else failure_of(e)
+    kind = "invalid_request_error" if f.status < 500 else "server_error"
+    return JSONResponse({"error": {"message": f.message, "type": kind, "code": f.code}}, status_code=f.status)
+
+
+class Failed(Exception):
+    """A Failure met while reading an answer stream, raised to leave the route."""
+
+    def __init__(self, failure: Failure):
+        super().__init__(failure.message)
+        self.failure = failure
 
 
 def sse(payload: dict | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
-def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
+def build_app(backend: Backend | DecoderService, api_token: str | None = None) -> FastAPI:
+    if isinstance(backend, DecoderService):
+        backend = LocalBackend(backend)
     app = FastAPI(title="ctxtree", version="0.1.0")
-    metrics = Metrics(service)
+    metrics = Metrics(backend)
     token = api_token if api_token is not None else os.environ.get(API_TOKEN_ENV) or None
 
     @app.middleware("http")
@@ -111,17 +110,23 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(ValueError(f"{where}: {first.get('msg', 'invalid request')}"))
 
-    async def start(documents: list[str], question: str, sampling: SamplingConfig, seed: int, policy: str):
+    async def next_event(stream):
+        item = await stream.__anext__()
+        if isinstance(item, Failure):
+            await stream.aclose()
+            raise Failed(item)
+        return item
+
+    async def start(request: AnswerRequest):
         """The answer stream with its first item already produced (errors surface here)."""
-        stream = service.answer(documents, question, sampling, seed, policy)
-        first = await stream.__anext__()
-        return first, stream
+        stream = backend.answer(request)
+        return await next_event(stream), stream
 
     async def drain(first, stream) -> tuple[str, AnswerEnd]:
         pieces, item = [], first
         while not isinstance(item, AnswerEnd):
             pieces.append(item)
-            item = await stream.__anext__()
+            item = await next_event(stream)
         return "".join(pieces), item
 
     async def events(first, stream, to_event, closing) -> AsyncIterator[bytes]:
@@ -135,7 +140,9 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
                     yield sse("[DONE]")
                     return
                 yield sse(to_event(item))
-                item = await stream.__anext__()
+                item = await next_event(stream)
+        except Failed as e:  # after the 200: the error is the stream's last event
+            yield sse({"error": {"message": e.failure.message, "type": "server_error", "code": e.failure.code}})
         finally:
             await stream.aclose()  # client gone: stop generating for it
 
@@ -145,16 +152,21 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
             return StreamingResponse(events(first, stream, to_event, closing), media_type="text/event-stream")
         try:
             text, end = await drain(first, stream)
+        except Failed as e:
+            return error_response(e.failure)
         except Exception as e:
             return error_response(e)
         metrics.observe(end)
-        return to_body(text.strip(), end)
+        return JSONResponse(to_body(text.strip(), end), headers={"x-ctxtree-replica": end.replica})
 
     @app.post("/v1/query")
     async def query(body: QueryRequest):
         try:
             sampling = SamplingConfig(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p)
-            first, stream = await start(body.documents, body.question, sampling, body.seed, body.policy)
+            first, stream = await start(AnswerRequest(body.documents, body.question, sampling, body.seed,
+                                                      body.policy))
+        except Failed as e:
+            return error_response(e.failure)
         except Exception as e:
             return error_response(e)
         return await respond(body.stream, first, stream, lambda piece: {"text": piece},
@@ -165,7 +177,7 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
         return {"documents": end.documents,
                 "usage": {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
                           "total_tokens": end.prompt_tokens + end.completion_tokens},
-                "timings": {k: round(v, 3) for k, v in end.timings.items()}}
+                "timings": {k: round(v, 3) for k, v in end.timings.items()}, "replica": end.replica}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
@@ -173,10 +185,13 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
         if question is None:
             return error_response(ValueError("messages: no user message to answer"))
         max_tokens = body.max_completion_tokens or body.max_tokens or 128
-        created, cid, model = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}", service.model_name
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         try:
+            model = (await backend.info()).name
             sampling = SamplingConfig(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
-            first, stream = await start(body.documents, question, sampling, body.seed or 0, "query")
+            first, stream = await start(AnswerRequest(body.documents, question, sampling, body.seed or 0, "query"))
+        except Failed as e:
+            return error_response(e.failure)
         except Exception as e:
             return error_response(e)
 
@@ -198,26 +213,25 @@ def build_app(service: DecoderService, api_token: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0,
-                                            "owned_by": "ctxtree", "fingerprint": service.rt.fingerprint}]}
+        info = await backend.info()
+        return {"object": "list", "data": [{"id": info.name, "object": "model", "created": 0,
+                                            "owned_by": "ctxtree", "fingerprint": info.fingerprint}]}
+
+    def reply(out: dict | Failure):
+        return error_response(out) if isinstance(out, Failure) else out
 
     @app.get("/v1/documents/{doc_id:path}")
     async def document(doc_id: str):
-        try:
-            return await service.document(doc_id)
-        except Exception as e:
-            return error_response(e)
+        return reply(await backend.document(doc_id))
 
     @app.post("/v1/prewarm")
     async def prewarm(body: DocumentsRequest):
-        try:
-            return await service.prewarm(body.documents)
-        except Exception as e:
-            return error_response(e)
+        return reply(await backend.prewarm(body.documents))
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": service.model_name, "fingerprint": service.rt.fingerprint}
+        info = await backend.info()
+        return {"status": "ok", "model": info.name, "fingerprint": info.fingerprint}
 
     @app.get("/metrics")
     async def prometheus():

@@ -1,12 +1,27 @@
 """The decoder deployment on Ray Serve: each replica holds the model, a tree cache and a
-batching engine (serve/service.py) and serves the HTTP API (serve/app.py) itself.
+batching engine (serve/service.py); the HTTP ingress (serve/ingress.py) calls it
+through a deployment handle.
 
     serve run serve.decoder:app_builder store=ctxtree-data      (or `ctxtree serve --store ...`)
 
-Built from typed arguments (ServeArgs); `user_config` can change the cache budget of
-running replicas without a restart. Queue bounds and autoscaling are deployment
-options (serve/serve_config.yaml), so an overloaded replica set answers 503 instead of
-queueing without end.
+Routing by document (Serve model multiplexing). The ingress sends each request with
+`multiplexed_model_id` = routing_key(its first document) (serve/protocol.py). On the
+replica, `_advertise` is the `@serve.multiplexed` loader: it only records the key, so
+Serve tells every router "this replica holds that document" and later requests for it
+prefer this replica (after a 1 s wait for a busy one, Serve falls back to the replica
+with the fewest keys, then any). The trees themselves are loaded by the replica's
+TreeCache, not by the loader, because Serve runs loaders under one lock per replica:
+loading trees there would serialize every load (anchors.md #8), while the TreeCache loads
+different documents concurrently, joins concurrent loads of one, and evicts by bytes.
+Serve's own LRU of keys (ROUTING_KEYS per replica) can outlive an evicted tree; such a
+stale preference costs one reload on that replica, never a wrong answer. A custom
+request router (Serve's `request_router_config`) could not do better: it sees requests
+before their HTTP body is read, so it cannot know the documents without an ingress.
+
+Built from typed arguments (ServeArgs); `user_config` changes the cache budget of
+running replicas without a restart. Queue bounds and autoscaling are deployment options
+(serve/serve_config.yaml): a full decoder queue is a 503 at the ingress, not an
+unbounded wait.
 """
 
 from __future__ import annotations
@@ -16,8 +31,11 @@ from ray import serve
 from ray.serve import Application
 
 from kernels.tree import TreeConfig
-from serve.app import build_app
+from serve.backends import ModelInfo, answer_events, guarded
+from serve.protocol import AnswerRequest, Failure, ReplicaStats
 from serve.service import DecoderService, ServiceConfig
+
+ROUTING_KEYS = 256  # keys a replica advertises (LRU); more than the documents its cache usually holds
 
 
 class ServeArgs(BaseModel):
@@ -51,13 +69,45 @@ class ServeArgs(BaseModel):
 
 @serve.deployment(name="decoder", max_ongoing_requests=8, max_queued_requests=32,
                   ray_actor_options={"num_cpus": 1})
-@serve.ingress()
 class Decoder:
     def __init__(self, args: dict):
         self.service = DecoderService(ServeArgs(**args).service_config())
+        self.replica = serve.get_replica_context().replica_id.unique_id
 
-    def __serve_build_asgi_app__(self):
-        return build_app(self.service)
+    @serve.multiplexed(max_num_models_per_replica=ROUTING_KEYS)
+    async def _advertise(self, key: str) -> str:
+        return key  # cheap on purpose: Serve holds one lock per replica while a loader runs
+
+    async def _route(self) -> None:
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._advertise(key)
+
+    async def answer(self, request: AnswerRequest):
+        """Streamed: text pieces, this replica's stats, then an AnswerEnd (or a Failure).
+        Stats go first because the ingress stops reading at the last event."""
+        await self._route()
+        async for event in answer_events(self.service, request, self.replica):
+            if not isinstance(event, str):
+                yield self.stats()
+            yield event
+
+    async def document(self, doc_id: str) -> tuple[dict | Failure, ReplicaStats]:
+        await self._route()
+        return await guarded(self.service.document(doc_id)), self.stats()
+
+    async def prewarm(self, documents: list[str]) -> tuple[dict | Failure, ReplicaStats]:
+        await self._route()
+        out = await guarded(self.service.prewarm(documents))
+        if not isinstance(out, Failure):
+            out = {**out, "replicas": {d: self.replica for d in documents}}
+        return out, self.stats()
+
+    async def info(self) -> ModelInfo:
+        return ModelInfo(self.service.model_name, self.service.rt.fingerprint)
+
+    def stats(self) -> ReplicaStats:
+        return self.service.stats(self.replica)
 
     def reconfigure(self, user_config: dict) -> None:
         """user_config: {"cache_mb": N} resizes the tree cache (evicting as needed on the next load)."""
@@ -76,5 +126,8 @@ class Decoder:
 
 
 def app_builder(args: dict) -> Application:
-    """`serve run serve.decoder:app_builder store=...` and the Serve config's import_path."""
-    return Decoder.bind(ServeArgs(**args).model_dump())
+    """`serve run serve.decoder:app_builder store=...` and the Serve config's import_path:
+    the ingress in front of the decoder deployment."""
+    from serve.ingress import Ingress
+
+    return Ingress.bind(Decoder.bind(ServeArgs(**args).model_dump()))

@@ -1,8 +1,10 @@
-"""Prometheus metrics of one replica, each defined where it is declared (README lists them).
+"""Prometheus metrics of the HTTP ingress, each defined where it is declared (README lists them).
 
-Cache counters are read from the cache's own cumulative stats at scrape time, so the
-exported numbers are exactly the cache's (no second bookkeeping to drift); latencies
-are histograms observed once per request or per load.
+Tree-cache counters are per decoder replica (label `replica`): each is the replica's
+own cumulative counter as of its latest reply to this ingress (serve/protocol.py
+ReplicaStats), so the exported numbers are exactly the caches' (no second bookkeeping
+to drift), and a replica that has gone away keeps its last values. Latencies are
+histograms observed once per request or per load.
 """
 
 from __future__ import annotations
@@ -15,29 +17,35 @@ RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
 class _CacheCollector:
-    def __init__(self, service):
-        self.service = service
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
 
     def collect(self):
-        stats = self.service.cache.stats
-        for name, value, doc in (
-            ("hits", stats.hits, "Document requests served from memory, or by joining a load already in flight."),
-            ("misses", stats.misses, "Document loads started (checksums and fingerprint verified)."),
-            ("evictions", stats.evictions, "Documents evicted to stay within the byte budget."),
-            ("load_errors", stats.load_errors, "Document loads that failed (not found, corrupt, mismatch)."),
-        ):
-            yield CounterMetricFamily(f"ctxtree_tree_cache_{name}", doc, value=value)
-        yield GaugeMetricFamily("ctxtree_tree_cache_bytes", "Bytes of context trees resident in memory.",
-                                value=stats.bytes)
-        yield GaugeMetricFamily("ctxtree_tree_cache_budget_bytes", "The tree cache's byte budget.",
-                                value=self.service.cache.budget_bytes)
+        stats = self.metrics.cache_stats()
+        docs = (
+            ("hits", "Document requests served from memory, or by joining a load already in flight."),
+            ("misses", "Document loads started (checksums and fingerprint verified)."),
+            ("evictions", "Documents evicted to stay within the byte budget."),
+            ("load_errors", "Document loads that failed (not found, corrupt, mismatch)."),
+        )
+        for name, doc in docs:
+            family = CounterMetricFamily(f"ctxtree_tree_cache_{name}", doc, labels=["replica"])
+            for s in stats:
+                family.add_metric([s.replica], getattr(s, name))
+            yield family
+        for name, attr, doc in (("bytes", "bytes", "Bytes of context trees resident in memory."),
+                                ("budget_bytes", "budget_bytes", "The tree cache's byte budget.")):
+            family = GaugeMetricFamily(f"ctxtree_tree_cache_{name}", doc, labels=["replica"])
+            for s in stats:
+                family.add_metric([s.replica], getattr(s, attr))
+            yield family
 
 
 class Metrics:
-    def __init__(self, service):
-        self.service = service
+    def __init__(self, backend):
+        self.backend = backend
         self.registry = CollectorRegistry()
-        self.registry.register(_CacheCollector(service))
+        self.registry.register(_CacheCollector(self))
         self.requests = Counter("ctxtree_requests", "HTTP responses, by route and status code.",
                                 ["path", "status"], registry=self.registry)
         self.load = Histogram("ctxtree_tree_load_seconds", "Time to load and verify one document on a cache miss.",
@@ -62,8 +70,12 @@ class Metrics:
             self.rate.observe(end.timings["tokens_per_s"])
         self.tokens.inc(end.completion_tokens)
 
+    def cache_stats(self):
+        """Every replica's latest counters; load times not yet seen go into the histogram."""
+        stats, loads = self.backend.replica_stats()
+        for ms in loads:
+            self.load.observe(ms / 1000)
+        return stats
+
     def render(self) -> bytes:
-        loads = self.service.cache.stats.load_ms
-        while loads:
-            self.load.observe(loads.pop(0) / 1000)
         return generate_latest(self.registry)

@@ -1,6 +1,6 @@
 """`ctxtree serve`: start Ray (local, or join --address), Serve's HTTP proxy on
---host/--port, and the decoder application; run until SIGINT/SIGTERM, then shut down
-Serve and Ray cleanly."""
+--host/--port, and the application (HTTP ingress -> decoder replicas, routed by
+document); run until SIGINT/SIGTERM, then shut down Serve and Ray cleanly."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default loopback)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster to join (default: a local Ray)")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="decoder replicas")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per decoder replica")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per decoder replica (1 on GPU nodes)")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched together (1 = no batching)")
     p.add_argument("--max-ongoing", type=int, default=8, help="requests in flight per replica")
     p.add_argument("--max-queued", type=int, default=32,
@@ -34,15 +36,17 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
     from ray import serve
 
     from serve.decoder import Decoder, ServeArgs
+    from serve.ingress import Ingress
 
     app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
                          dtype=args.dtype, cache_mb=args.cache_mb, max_batch=args.max_batch)
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
-    deployment = Decoder.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
-                                 max_queued_requests=args.max_queued)
-    serve.run(deployment.bind(app_args.model_dump()), name="ctxtree", route_prefix="/")
+    decoder = Decoder.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,
+                              max_queued_requests=args.max_queued,
+                              ray_actor_options={"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus})
+    serve.run(Ingress.bind(decoder.bind(app_args.model_dump())), name="ctxtree", route_prefix="/")
     print(f"ctxtree: serving {args.store} on http://{args.host}:{args.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

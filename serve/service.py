@@ -17,15 +17,14 @@ from typing import AsyncIterator
 from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt
 from ctxtree.runtime import Runtime, load_runtime
-from ctxtree.store import StoreError, TreeStore
+from ctxtree.store import TreeStore
 from kernels.generate import SamplingConfig
 from kernels.tree import POLICIES, TreeConfig
 from serve.engine import BatchingEngine, GenRequest
+from serve.protocol import ReplicaStats, RequestTooLarge
 from serve.tree_cache import TreeCache
 
-
-class RequestTooLarge(StoreError):
-    """More documents, question tokens or answer tokens than this replica accepts."""
+__all__ = ["AnswerEnd", "DecoderService", "RequestTooLarge", "ServiceConfig"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,7 @@ class AnswerEnd:
     completion_tokens: int
     timings: dict[str, float]
     selections: list[list[list[int]]]   # per document, per chunk: heap indices of injected nodes
+    replica: str = "local"              # which decoder replica answered (set by the Serve deployment)
 
 
 class DecoderService:
@@ -124,6 +124,16 @@ class DecoderService:
         return {"id": doc_id, "tokens": m.n_tokens, "chunks": m.n_chunks, "bytes": m.total_bytes,
                 "shards": len(m.shards), "fingerprint": m.fingerprint, "tree_config": m.tree_config,
                 "compatible": m.fingerprint == self.rt.fingerprint, "cached": doc_id in self.cache}
+
+    def stats(self, replica: str) -> ReplicaStats:
+        """The cache's counters now; the load times recorded since the last call move
+        into this snapshot (each load time is reported once)."""
+        c = self.cache.stats
+        loads = list(c.load_ms)
+        del c.load_ms[:len(loads)]
+        return ReplicaStats(replica=replica, hits=c.hits, misses=c.misses, evictions=c.evictions,
+                            load_errors=c.load_errors, bytes=c.bytes, budget_bytes=self.cache.budget_bytes,
+                            load_ms=loads)
 
     async def prewarm(self, documents: list[str]) -> dict:
         loaded = [await self.cache.get(d) for d in documents]

@@ -38,7 +38,9 @@ def test_serve_config_is_valid_and_rayservice_carries_the_same_apps():
     v2 = yaml.safe_load(svc["spec"]["serveConfigV2"])
     ServeDeploySchema(**v2)
     assert v2["applications"] == local["applications"]
-    dep = local["applications"][0]["deployments"][0]
+    deps = {d["name"]: d for d in local["applications"][0]["deployments"]}
+    assert set(deps) == {"ingress", "decoder"}  # the names the deployment classes carry
+    dep = deps["decoder"]
     assert dep["max_queued_requests"] > 0 and dep["autoscaling_config"]["min_replicas"] >= 1
     # the import path and args build an application with our typed arguments
     from serve.decoder import ServeArgs, app_builder

@@ -1,5 +1,7 @@
 """`ctxtree serve` for real: Ray Serve on loopback serving a tree store written by the
-pipeline's unit of work; the official openai client over HTTP; a clean shutdown."""
+pipeline's unit of work, with two decoder replicas behind the ingress; the official
+openai client over HTTP; requests routed to the replica holding their document; a
+clean shutdown."""
 
 from __future__ import annotations
 
@@ -14,14 +16,26 @@ from serve.launch import ServeProcess
 from tests.conftest import REPO
 
 
+def metric(text: str, name: str) -> dict[str, float]:
+    """{replica: value} of one per-replica metric in a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            out[line.split('replica="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
 @pytest.fixture(scope="module")
 def server(smollm_runtime, tmp_path_factory):
     store = str(tmp_path_factory.mktemp("serve-store"))
-    compress_document(smollm_runtime, TreeStore(store), "gpl", (REPO / "samples" / "GPL-3.txt").read_text()[:5000],
-                      CompressSettings())
+    text = (REPO / "samples" / "GPL-3.txt").read_text()
+    compress_document(smollm_runtime, TreeStore(store), "gpl", text[:5000], CompressSettings())
+    compress_document(smollm_runtime, TreeStore(store), "gpl-end", text[-4000:], CompressSettings())
     log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w")
     try:
-        srv = ServeProcess(store, log=log, env={"PYTHONPATH": str(REPO)}, cwd=str(REPO), timeout_s=240)
+        # two decoder replicas on this 2-core machine: half a CPU reserved each
+        srv = ServeProcess(store, ("--replicas", "2", "--replica-cpus", "0.5"), log=log,
+                           env={"PYTHONPATH": str(REPO)}, cwd=str(REPO), timeout_s=300)
     except RuntimeError as e:
         pytest.fail(f"{e}: see {log.name}")
     yield srv.url, srv.proc
@@ -46,9 +60,42 @@ def test_http_endpoints_and_openai_client(server):
                                         max_tokens=8, extra_body={"documents": ["gpl"]}, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream).strip() == out.choices[0].message.content
     metrics = httpx2.get(url + "/metrics", timeout=10).text
-    # two loads started: "gpl" (once, then hits) and "none" (failed: not found)
-    assert "ctxtree_tree_cache_misses_total 2.0" in metrics and "ctxtree_tree_cache_load_errors_total 1.0" in metrics
-    assert "ctxtree_tree_cache_hits_total 2.0" in metrics
+    # two loads started over both replicas: "gpl" (once, then hits: its requests go to the
+    # replica holding it) and "none" (failed: not found)
+    assert sum(metric(metrics, "ctxtree_tree_cache_misses_total").values()) == 2
+    assert sum(metric(metrics, "ctxtree_tree_cache_load_errors_total").values()) == 1
+    assert sum(metric(metrics, "ctxtree_tree_cache_hits_total").values()) == 2
+
+
+def test_requests_go_to_the_replica_that_holds_their_document(server):
+    """Serve multiplexing by document: repeated requests for a document land on the one
+    replica that loaded it (its tree cache misses stay at 1); a prewarmed document's
+    queries go where it was warmed, with no further load."""
+    import httpx2
+
+    url, _ = server
+    body = {"documents": ["gpl"], "question": "What is this?", "max_tokens": 2}
+    replicas = set()
+    for _ in range(6):
+        r = httpx2.post(url + "/v1/query", json=body, timeout=60)
+        assert r.status_code == 200
+        replicas.add(r.headers["x-ctxtree-replica"])
+        assert r.json()["replica"] == r.headers["x-ctxtree-replica"]
+    assert len(replicas) == 1, replicas
+    holder = replicas.pop()
+    text = httpx2.get(url + "/metrics", timeout=10).text
+    assert len(metric(text, "ctxtree_tree_cache_budget_bytes")) == 2  # both replicas have answered by now
+    assert metric(text, "ctxtree_tree_cache_misses_total")[holder] == 1
+    assert sum(metric(text, "ctxtree_tree_cache_misses_total").values()) == 2  # "gpl" and "none", still
+
+    warm = httpx2.post(url + "/v1/prewarm", json={"documents": ["gpl-end"]}, timeout=60).json()
+    warmed_on = warm["replicas"]["gpl-end"]
+    time.sleep(2)  # a replica's keys reach the ingress's router asynchronously (pushed every 0.1 s)
+    for _ in range(4):
+        r = httpx2.post(url + "/v1/query", json={**body, "documents": ["gpl-end"]}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-ctxtree-replica"] == warmed_on
+    text = httpx2.get(url + "/metrics", timeout=10).text
+    assert sum(metric(text, "ctxtree_tree_cache_misses_total").values()) == 3  # the prewarm was the only load
 
 
 def test_bounded_load_has_no_server_errors(server):
