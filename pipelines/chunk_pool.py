@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,14 +44,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 class ChunkCache:
     """Single-chunk trees by name, in memory once loaded, on disk across runs."""
 
-    def __init__(self, cache_dir: Path, fingerprint: str, model: Llama, cfg: TreeConfig):
+    def __init__(self, cache_dir: Path, fingerprint: str, model: Llama, cfg: TreeConfig, in_memory: int = 2048):
         self.dir = Path(cache_dir) / fingerprint[:16]
         self.fingerprint, self.model, self.cfg = fingerprint, model, cfg
-        self._trees: dict[str, ContextTree] = {}
+        self._trees: OrderedDict[str, ContextTree] = OrderedDict()  # LRU of at most in_memory trees
+        self.in_memory = in_memory
         self.built = 0  # chunks compressed by this process (the rest came from disk)
 
     def tree(self, name: str, tokens: list[int]) -> ContextTree:
         if name in self._trees:
+            self._trees.move_to_end(name)
             return self._trees[name]
         path = self.dir / f"{name}.ctt"
         # the file is only reused for exactly these tokens (a changed generator rebuilds it)
@@ -68,6 +71,8 @@ class ChunkCache:
             _atomic_write(path, encode_shard(TreeShard(self.fingerprint, content_id, len(tokens), 1, tree)))
             self.built += 1
         self._trees[name] = tree
+        if len(self._trees) > self.in_memory:
+            self._trees.popitem(last=False)
         return tree
 
     def document(self, tokens: list[int]) -> ContextTree:
@@ -81,9 +86,11 @@ class ChunkPool:
     """Haystack and needle chunk trees of one split, for training."""
 
     def __init__(self, cache: ChunkCache, tokenizer, haystack: Haystack, seed: int,
-                 digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4):
+                 digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4, needle_len: int = 0):
         self.cache, self.tokenizer, self.cfg = cache, tokenizer, cache.cfg
         self.haystack, self.seed, self.digits, self.facts_per_chunk = haystack, seed, digits, facts_per_chunk
+        # needle chunks shorter than L are one-chunk documents (only a last chunk may be short)
+        self.needle_len = needle_len or self.cfg.chunk_len
         self._needles: dict[int, tuple[list[Fact], list[str], list[int]]] = {}
 
     @property
@@ -101,18 +108,20 @@ class ChunkPool:
     def needle_chunk(self, index: int) -> tuple[ContextTree, list[Fact], list[str], list[int]]:
         """The tree, facts, per-fact questions and value positions of needle chunk `index`."""
         name = f"{self.haystack.split}-needle-{self.seed}-{self.digits[0]}-{self.digits[1]}-{index:06d}"
+        if (self.needle_len, self.facts_per_chunk) != (self.cfg.chunk_len, 4):
+            name += f"-n{self.needle_len}-f{self.facts_per_chunk}"
         if index not in self._needles:
             meta_path = self.cache.dir / f"{name}.json"
             chunk: NeedleChunk = make_needle_chunk(self.tokenizer, self.haystack, index, self.seed,
-                                                   self.cfg.chunk_len, self.facts_per_chunk, self.digits)
-            self._needles[index] = (chunk.facts, chunk.questions, chunk.value_positions)
+                                                   self.needle_len, self.facts_per_chunk, self.digits)
+            self._needles[index] = (chunk.tokens, chunk.facts, chunk.questions, chunk.value_positions)
             tree = self.cache.tree(name, chunk.tokens)
             if not meta_path.is_file():  # for people inspecting the pool; never read back
                 _atomic_write(meta_path, json.dumps({"facts": [f.__dict__ for f in chunk.facts],
                                                      "questions": chunk.questions}, indent=1).encode())
             return tree, chunk.facts, chunk.questions, chunk.value_positions
-        facts, questions, value_positions = self._needles[index]
-        return self.cache.tree(name, []), facts, questions, value_positions
+        tokens, facts, questions, value_positions = self._needles[index]
+        return self.cache.tree(name, tokens), facts, questions, value_positions
 
 
 def assemble(chunks: list[ContextTree]) -> ContextTree:

@@ -56,7 +56,9 @@ class TrainConfig:
     height: int = 3
     keep: int = 32
     pool_dir: str | None = None           # default <cache>/train-pool
-    pool_size: int = 256                  # needle chunks (4 facts each)
+    pool_size: int = 256                  # needle chunks, drawn at random; 0 = a fresh chunk every few examples
+    needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
+    facts_per_chunk: int = 4
     digits: tuple[int, int] = (2, 6)
     max_chunks: int = 8                   # context chunks per document at the end of the curriculum
     ramp_steps: int = 1500                # steps from 1 chunk per document to max_chunks
@@ -76,8 +78,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.workers < 1:
             raise ValueError("steps, batch and workers must be >= 1")
-        if not self.lr > 0 or self.pool_size < 2 or self.max_chunks < 1:
-            raise ValueError("lr must be > 0, pool_size >= 2, max_chunks >= 1")
+        if not self.lr > 0 or self.pool_size == 1 or self.pool_size < 0 or self.max_chunks < 1:
+            raise ValueError("lr must be > 0, pool_size 0 (fresh) or >= 2, max_chunks >= 1")
+        if self.pool_size == 0 and self.spread_fraction > 0:
+            raise ValueError("spread examples draw needles from a pool: set spread_fraction 0 with pool_size 0")
+        if not 0 <= self.needle_len <= self.chunk_len or self.facts_per_chunk < 1:
+            raise ValueError(f"needle_len must be within 0..chunk_len ({self.chunk_len}), facts_per_chunk >= 1")
+        if 0 < self.needle_len < self.chunk_len and (self.max_chunks > 1 or self.spread_fraction > 0):
+            raise ValueError("needles shorter than chunk_len are one-chunk documents: set max_chunks 1, "
+                             "spread_fraction 0")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
 
@@ -185,8 +194,8 @@ def train_loop(config: dict) -> None:
         else rt.tokenizer.eos_token_id
     pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
-    train_pool = ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, "train"), cfg.seed, cfg.digits)
-    eval_pool = ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, "heldout"), cfg.seed, cfg.digits)
+    train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
+                                       cfg.facts_per_chunk, cfg.needle_len) for split in ("train", "heldout"))
     n_params = sum(p.numel() for p in params)
     if rank == 0:
         print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.steps}; batch {cfg.batch} x {world} "
@@ -232,7 +241,8 @@ def train_loop(config: dict) -> None:
             g["lr"] = lr
         max_chunks = curriculum_chunks(step, cfg.max_chunks, cfg.ramp_steps)
         examples = [make_example(train_pool, _step_rng(cfg, step, rank, row), cfg.pool_size, max_chunks,
-                                 cfg.spread_fraction, cfg.oracle_fraction) for row in range(cfg.batch)]
+                                 cfg.spread_fraction, cfg.oracle_fraction, ((step * world) + rank) * cfg.batch + row)
+                    for row in range(cfg.batch)]
         r = answer_step(decoder, rt.tokenizer, end_id, examples)
         opt.zero_grad(set_to_none=True)
         r.loss.backward()

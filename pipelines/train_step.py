@@ -51,9 +51,13 @@ def curriculum_chunks(step: int, max_chunks: int, ramp_steps: int) -> int:
 
 
 def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks: int,
-                 spread_fraction: float, oracle_fraction: float = 0.0) -> Example:
+                 spread_fraction: float, oracle_fraction: float = 0.0, serial: int = 0) -> Example:
     """A training question: a needle chunk among haystack chunks, one of its facts asked; or
-    (spread) two documents with a needle chunk each and both facts asked at once."""
+    (spread) two documents with a needle chunk each and both facts asked at once.
+
+    pool_size 0 means fresh needles: example number `serial` asks fact serial % F of needle
+    chunk serial // F (F facts per chunk), so no fact is ever asked twice and nothing can
+    be learnt by heart (a small pool is memorised within a few hundred steps)."""
     n_hay = pool.n_haystack_chunks
 
     def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
@@ -71,8 +75,12 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
         question = pair_question(rng, pool.haystack.split, fa[ia], fb[ib], qa[ia], qb[ib])
         return Example(trees=[da, db], question=question, target=f"{fa[ia].value} and {fb[ib].value}",
                        answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle)
-    tree, facts, questions, positions = pool.needle_chunk(rng.randrange(pool_size))
-    i = rng.randrange(len(facts))
+    if pool_size == 0:
+        tree, facts, questions, positions = pool.needle_chunk(serial // pool.facts_per_chunk)
+        i = serial % pool.facts_per_chunk
+    else:
+        tree, facts, questions, positions = pool.needle_chunk(rng.randrange(pool_size))
+        i = rng.randrange(len(facts))
     doc, c = document(tree, rng.randint(1, max_chunks))
     return Example(trees=[doc], question=questions[i], target=facts[i].value, answer_at=[(c, positions[i])],
                    oracle=oracle)

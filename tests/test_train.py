@@ -101,6 +101,36 @@ def tiny_chat_model(tmp_path_factory, smollm_dir) -> Path:
     return path
 
 
+def test_fresh_needles_never_repeat_a_fact_and_bad_settings_are_refused(tiny_chat_model, tmp_path):
+    """pool_size 0: example k asks fact k % F of needle chunk k // F (no fact twice, so
+    nothing can be learnt by heart); short needles are one-chunk documents."""
+    import random
+
+    from ctxtree.runtime import NO_ADAPTER, load_runtime
+    from kernels.tree import TreeConfig
+    from pipelines.chunk_pool import ChunkCache, ChunkPool
+    from pipelines.train import TrainConfig
+    from pipelines.train_step import make_example
+
+    rt = load_runtime(tiny_chat_model, TreeConfig(n_layers=2, chunk_len=128, keep=8), adapter=NO_ADAPTER)
+    pool = ChunkPool(ChunkCache(tmp_path, rt.fingerprint, rt.model, rt.tree_config), rt.tokenizer,
+                     load_haystack(rt.tokenizer, "train"), seed=0, digits=(2, 3), facts_per_chunk=2, needle_len=64)
+    asked = []
+    for k in range(6):
+        ex = make_example(pool, random.Random(k), 0, 1, 0.0, 0.5, serial=k)
+        assert len(ex.trees) == 1 and ex.trees[0].chunk_lengths == [64]
+        tree, facts, questions, _ = pool.needle_chunk(k // 2)
+        assert ex.question == questions[k % 2] and ex.target == facts[k % 2].value
+        asked.append((ex.question, ex.target))
+    assert len(set(asked)) == 6 and pool.built == 3
+    with pytest.raises(ValueError, match="spread"):
+        TrainConfig(out="x", pool_size=0, spread_fraction=0.2)
+    with pytest.raises(ValueError, match="one-chunk"):
+        TrainConfig(out="x", needle_len=256, max_chunks=2, spread_fraction=0.0)
+    with pytest.raises(ValueError, match="needle_len"):
+        TrainConfig(out="x", needle_len=4096)
+
+
 def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "pipelines.train", "--model", str(model), "--out", str(out),
             "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",
