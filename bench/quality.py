@@ -37,7 +37,7 @@ from ctxtree.answer import answer_question
 from ctxtree.runtime import cache_dir, load_runtime
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder, load_adapter
-from kernels.tree import node_spans
+from kernels.tree import TreeConfig, node_spans
 from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
@@ -128,6 +128,7 @@ def main() -> None:
     ap.add_argument("--base-questions", type=int, default=None,
                     help="cap per (length, kind) for `base` beyond 4K tokens (40 s a question at 8K)")
     ap.add_argument("--adapter", default=None, help="injection weights (default: the shipped adapter)")
+    ap.add_argument("--keep", type=int, default=32, help="tree: positions kept per node (p)")
     ap.add_argument("--bm25-k", type=int, default=4, help="passages given to the base model")
     ap.add_argument("--max-tokens", type=int, default=48,
                     help="answer budget (the base model answers in sentences; the decoder stops early)")
@@ -142,7 +143,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(adapter=Path(args.adapter) if args.adapter else None)
+    rt = load_runtime(tree_config=TreeConfig(keep=args.keep), adapter=Path(args.adapter) if args.adapter else None)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
