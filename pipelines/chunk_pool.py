@@ -91,7 +91,7 @@ class ChunkPool:
         self.haystack, self.seed, self.digits, self.facts_per_chunk = haystack, seed, digits, facts_per_chunk
         # needle chunks shorter than L are one-chunk documents (only a last chunk may be short)
         self.needle_len = needle_len or self.cfg.chunk_len
-        self._needles: dict[int, tuple[list[Fact], list[str], list[int]]] = {}
+        self._needles: dict[int, tuple[list[int], list[Fact], list[str], list[int]]] = {}  # tokens, facts, questions, value positions
 
     @property
     def built(self) -> int:
