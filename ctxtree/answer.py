@@ -13,9 +13,9 @@ from typing import Callable
 import torch
 
 from ctxtree.detok import TextStream
-from ctxtree.prompt import question_prompt
+from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime
-from kernels.compressor import query_vector
+from kernels.compressor import query_vector, route_query
 from kernels.generate import SamplingConfig, generate, left_pad
 from kernels.inject import batch_context
 from kernels.tree import ContextTree, search
@@ -38,7 +38,8 @@ def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampli
     batch = left_pad([prompt], device=rt.model.device)
     q = query_vector(rt.model, batch.input_ids, batch.positions, batch.token_valid,
                      torch.tensor([query_index + batch.input_ids.shape[1] - len(prompt)]))[0]
-    selections = [search(tree, q, policy) for tree in trees]
+    route = route_query(rt.model, q, question_tokens(rt.tokenizer, question))
+    selections = [search(tree, route, policy) for tree in trees]
     context = batch_context([rt.decoder.request_kv(trees, selections)])
     t_search = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)

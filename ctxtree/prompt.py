@@ -28,6 +28,15 @@ def question_prompt(tokenizer, question: str) -> tuple[list[int], int]:
     return list(ids), query_index
 
 
+def question_tokens(tokenizer, question: str) -> list[int]:
+    """The question's own token ids, without the chat template: what search matches
+    against the documents' tokens."""
+    question = question.strip()
+    if not question:
+        raise ValueError("the question is empty")
+    return list(tokenizer(question, add_special_tokens=False)["input_ids"])
+
+
 def document_tokens(tokenizer, text: str) -> list[int]:
     if not text.strip():
         raise ValueError("the document is empty")

@@ -80,3 +80,17 @@ def query_vector(model: Llama, input_ids: Tensor, positions: Tensor, token_valid
     """
     h0 = model.hidden_states(input_ids, positions, token_valid, n_layers=1)
     return model.norm(h0[torch.arange(input_ids.shape[0], device=h0.device), query_index.to(h0.device)])
+
+
+def route_query(model: Llama, vector: Tensor, question_ids: list[int]) -> "RouteQuery":
+    """What search needs for one question: its routing vector [D] (from query_vector) and
+    its own tokens' unit embeddings [Q, D] (the question alone, not the chat template,
+    whose tokens are the same for every question)."""
+    from kernels.tree import RouteQuery  # kernels.tree imports this module
+
+    if not question_ids:
+        raise ValueError("the question has no tokens to search with")
+    embed = model.embed_tokens.weight
+    ids = torch.tensor(question_ids, dtype=torch.long, device=embed.device)
+    token_vectors = torch.nn.functional.normalize(embed[ids].detach().float(), dim=-1)  # [Q,D]
+    return RouteQuery(vector=vector, token_vectors=token_vectors, embed=embed)

@@ -12,7 +12,7 @@ import json
 
 from kernels.tree import TreeConfig
 
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: trees store their token ids (token-match search)
 
 
 def model_fingerprint(weights_digest: str, tokenizer_digest: str, tree: TreeConfig) -> str:

@@ -21,7 +21,7 @@ from kernels.llama import Llama
 
 CODECS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-POLICIES = ("query", "right")
+POLICIES = ("query", "vector", "right")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,9 @@ class ContextTree:
 
     keys/values: [M, Hkv, P, Dh] in the codec dtype, P = kept positions of all nodes,
     ordered chunk-major then stored-node order; routes: [C, N, D];
-    node_offsets: [C*N + 1] int64, node (c, j) owns positions node_offsets[c*N+j : c*N+j+1].
+    node_offsets: [C*N + 1] int64, node (c, j) owns positions node_offsets[c*N+j : c*N+j+1];
+    tokens: [sum(chunk_lengths)] int32, the chunks' token ids (what search matches the
+    question against, see search()).
     """
     config: TreeConfig
     chunk_lengths: list[int]
@@ -110,6 +112,7 @@ class ContextTree:
     values: Tensor
     routes: Tensor
     node_offsets: Tensor
+    tokens: Tensor
 
     @property
     def n_chunks(self) -> int:
@@ -124,7 +127,8 @@ class ContextTree:
         return (self.node_offsets[1:] - self.node_offsets[:-1]).view(self.n_chunks, self.config.n_nodes)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.routes, self.node_offsets))
+        return sum(t.numel() * t.element_size()
+                   for t in (self.keys, self.values, self.routes, self.node_offsets, self.tokens))
 
 
 @torch.no_grad()
@@ -178,7 +182,7 @@ def build_tree(model: Llama, token_ids: Tensor, cfg: TreeConfig, first_chunk: in
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
     return ContextTree(config=cfg, chunk_lengths=[e - s for s, e in bounds], first_chunk=first_chunk,
                        keys=torch.cat(keys, dim=2), values=torch.cat(values, dim=2),
-                       routes=routes, node_offsets=offsets)
+                       routes=routes, node_offsets=offsets, tokens=token_ids.to("cpu", torch.int32).clone())
 
 
 def concat_trees(parts: list[ContextTree]) -> ContextTree:
@@ -204,6 +208,7 @@ def concat_trees(parts: list[ContextTree]) -> ContextTree:
         values=torch.cat([p.values for p in parts], dim=2),
         routes=torch.cat([p.routes for p in parts]),
         node_offsets=torch.cat(offsets),
+        tokens=torch.cat([p.tokens for p in parts]),
     )
 
 
@@ -216,34 +221,89 @@ def slice_tree(tree: ContextTree, start: int, end: int) -> ContextTree:
         first_chunk=tree.first_chunk + start,
         keys=tree.keys[:, :, lo:hi].clone(), values=tree.values[:, :, lo:hi].clone(),
         routes=tree.routes[start:end].clone(),
-        node_offsets=tree.node_offsets[start * n:end * n + 1] - lo)
+        node_offsets=tree.node_offsets[start * n:end * n + 1] - lo,
+        tokens=tree.tokens[sum(tree.chunk_lengths[:start]):sum(tree.chunk_lengths[:end])].clone())
 
 
 # ---- search (method.md §4) ----------------------------------------------------------
 
-def search(tree: ContextTree, query: Tensor, policy: str = "query") -> Tensor:
+@dataclass
+class RouteQuery:
+    """What search compares a tree's nodes with, for one question.
+
+    vector: [D] `final_norm(h0[last])` of the question (method.md §4, policy "vector");
+    token_vectors: [Q, D] the question's own tokens' embeddings, unit length (policy "query");
+    embed: [V, D] the model's token embedding table, where the documents' tokens are looked up.
+    """
+    vector: Tensor
+    token_vectors: Tensor
+    embed: Tensor
+
+
+def token_match_scores(tree: ContextTree, query: RouteQuery) -> Tensor:
+    """[C, N] score of every stored node: for each question token, its best cosine with
+    any token of the node, summed over the question's tokens (late interaction on the
+    input embeddings). Empty nodes score -inf.
+
+    Why not the method's routing vector: `final_norm(h0[last])` is mostly the node's last
+    token's own embedding, so on needle questions it chooses the answer's half no better
+    than a coin (docs/quality.md). Token matching needs each node's tokens, which the
+    tree stores (4 bytes per token, 0.3% of it), and costs one [Q, U] product over the
+    document's U distinct tokens.
+    """
+    embed = query.embed.detach()
+    ids = tree.tokens.long()
+    distinct, inverse = torch.unique(ids, return_inverse=True)
+    doc_vectors = torch.nn.functional.normalize(embed[distinct.to(embed.device)].float(), dim=-1).cpu()  # [U,D]
+    sims = (query.token_vectors.detach().float().cpu() @ doc_vectors.T)[:, inverse]  # [Q,T]
+    h = tree.config.height
+    scores = torch.full((tree.n_chunks, tree.config.n_nodes), float("-inf"))
+    start = 0
+    for c, length in enumerate(tree.chunk_lengths):
+        spans = node_spans(length, h)
+        best = {}  # heap node -> [Q] best cosine per question token; leaves first, then up
+        for node in range(2 ** (h + 1) - 2, 0, -1):
+            s, e = spans[node]
+            if 2 * node + 1 < len(spans):
+                kids = [best[k] for k in (2 * node + 1, 2 * node + 2) if k in best]
+                if kids:
+                    best[node] = torch.stack(kids).amax(0)
+            elif e > s:
+                best[node] = sims[:, start + s:start + e].amax(1)
+            if node in best:
+                scores[c, node - 1] = best[node].sum()
+        start += length
+    return scores
+
+
+def search(tree: ContextTree, query: RouteQuery, policy: str = "query") -> Tensor:
     """Heap indices [C, h+1] of the nodes to inject from each chunk.
 
     At levels 1..h-1 the child not chosen is injected (coarse), at level h both
-    children of the chosen node (finest). Policy "query" chooses the child whose
-    routing vector has the larger cosine with query [D] (argmax: ties go left); "right"
-    always chooses the right child. Each chunk's own children are compared.
+    children of the chosen node (finest). Policy "query" chooses the child whose tokens
+    match the question's better (token_match_scores); "vector" the child whose routing
+    vector has the larger cosine with the question's (method.md §4 to the letter);
+    "right" always the right child. Ties go left, like argmax. Each chunk's own
+    children are compared.
     """
     if policy not in POLICIES:
         raise ValueError(f"search policy {policy!r} unknown; expected one of {POLICIES}")
     c = tree.n_chunks
-    sims = torch.nn.functional.cosine_similarity(
-        tree.routes.float(), query.detach().float().cpu().view(1, 1, -1), dim=-1)  # [C,N], trees live on the CPU
+    if policy == "query":
+        scores = token_match_scores(tree, query)  # [C,N]
+    elif policy == "vector":
+        scores = torch.nn.functional.cosine_similarity(
+            tree.routes.float(), query.vector.detach().float().cpu().view(1, 1, -1), dim=-1)  # [C,N], trees live on the CPU
     empty = tree.node_counts() == 0  # [C,N]
     rows = torch.arange(c)
     node = torch.zeros(c, dtype=torch.long)
     injected = []
     for _ in range(1, tree.config.height):
         left, right = 2 * node + 1, 2 * node + 2
-        if policy == "query":
-            go_left = sims[rows, left - 1] >= sims[rows, right - 1]
-        else:
+        if policy == "right":
             go_left = torch.zeros(c, dtype=torch.bool)
+        else:
+            go_left = scores[rows, left - 1] >= scores[rows, right - 1]
         go_left = torch.where(empty[rows, right - 1], True, torch.where(empty[rows, left - 1], False, go_left))
         injected.append(torch.where(go_left, right, left))
         node = torch.where(go_left, left, right)

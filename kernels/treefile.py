@@ -8,7 +8,7 @@ Layout (all integers little-endian):
     header     JSON (utf-8): fingerprint, doc_id, n_tokens (whole document),
                chunk_start/chunk_end, n_chunks_total, chunk_lengths, tree config,
                codec, payload_len, tensor shapes and dtypes
-    payload    safetensors bytes: keys, values, routes, node_offsets
+    payload    safetensors bytes: keys, values, routes, node_offsets, tokens
     checksum   32 bytes sha256 of everything above
 
 Never pickle: objects come from storage and must not be able to execute code.
@@ -29,10 +29,10 @@ from safetensors.torch import save as st_save
 from kernels.tree import CODECS, ContextTree, TreeConfig, keep_per_node, kept_positions, node_spans, slice_tree
 
 MAGIC = b"CTXTREE\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: + tokens (the chunks' token ids, for search)
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
-_TENSORS = ("keys", "values", "routes", "node_offsets")
+_TENSORS = ("keys", "values", "routes", "node_offsets", "tokens")
 
 
 class CorruptTreeError(ValueError):
@@ -52,7 +52,8 @@ class TreeShard:
 def encode_shard(shard: TreeShard) -> bytes:
     tree = shard.tree
     tensors = {"keys": tree.keys.contiguous(), "values": tree.values.contiguous(),
-               "routes": tree.routes.contiguous(), "node_offsets": tree.node_offsets.contiguous()}
+               "routes": tree.routes.contiguous(), "node_offsets": tree.node_offsets.contiguous(),
+               "tokens": tree.tokens.contiguous()}
     payload = st_save(tensors)
     header = {
         "fingerprint": shard.fingerprint, "doc_id": shard.doc_id, "n_tokens": shard.n_tokens,
@@ -75,7 +76,9 @@ def decode_shard(data: bytes, name: str = "tree object") -> TreeShard:
     if magic != MAGIC:
         raise CorruptTreeError(f"{name}: bad magic {magic!r}, expected {MAGIC!r}: not a ctxtree object")
     if version != FORMAT_VERSION:
-        raise CorruptTreeError(f"{name}: format version {version} is not supported (this build reads {FORMAT_VERSION})")
+        hint = "; it was written by an older ctxtree: compress the document again" if version < FORMAT_VERSION else ""
+        raise CorruptTreeError(f"{name}: format version {version} is not supported (this build reads "
+                               f"{FORMAT_VERSION}){hint}")
     body, digest = data[:-_DIGEST], data[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise CorruptTreeError(f"{name}: checksum mismatch ({len(data)} bytes): the object is truncated or corrupted")
@@ -115,6 +118,11 @@ def _check_consistent(shard: TreeShard, header: dict, name: str) -> None:
         problems.append(f"keys {tuple(tree.keys.shape)} / values {tuple(tree.values.shape)} do not match M={cfg.n_layers}")
     if tree.routes.dim() != 3 or tree.routes.shape[:2] != (c, n):
         problems.append(f"routes shape {tuple(tree.routes.shape)}, expected ({c}, {n}, D)")
+    if tree.tokens.shape != (sum(tree.chunk_lengths),) or tree.tokens.dtype != torch.int32:
+        problems.append(f"tokens shape {tuple(tree.tokens.shape)} {tree.tokens.dtype}, expected "
+                        f"({sum(tree.chunk_lengths)},) int32")
+    elif tree.tokens.numel() and int(tree.tokens.min()) < 0:
+        problems.append("negative token ids")
     want = CODECS[cfg.codec]
     if any(t.dtype != want for t in (tree.keys, tree.values, tree.routes)):
         problems.append(f"tensor dtypes do not match codec {cfg.codec}")

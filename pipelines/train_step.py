@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ctxtree.prompt import question_prompt
-from kernels.compressor import query_vector
+from ctxtree.prompt import question_prompt, question_tokens
+from kernels.compressor import query_vector, route_query
 from kernels.generate import left_pad
 from kernels.inject import InjectionDecoder, batch_context
 from kernels.tree import ContextTree, node_spans, search
@@ -122,7 +122,8 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
         queries = query_vector(model, batch.input_ids, batch.positions, batch.token_valid, query_index)  # [B,D]
     per_request = []
     for row, ex in enumerate(examples):
-        selections = [search(tree, queries[row], policy) for tree in ex.trees]
+        route = route_query(model, queries[row], question_tokens(tokenizer, ex.question))
+        selections = [search(tree, route, policy) for tree in ex.trees]
         if ex.oracle and ex.answer_at:
             selections = [sel if at is None else route_to(sel, tree, *at)
                           for sel, tree, at in zip(selections, ex.trees, ex.answer_at)]

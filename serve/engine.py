@@ -19,7 +19,7 @@ from typing import AsyncIterator
 
 import torch
 
-from kernels.compressor import query_vector
+from kernels.compressor import query_vector, route_query
 from kernels.generate import SamplingConfig, generate, left_pad
 from kernels.inject import InjectionDecoder, batch_context
 from kernels.tree import ContextTree, search
@@ -31,6 +31,7 @@ _DONE = object()
 class GenRequest:
     prompt: list[int]
     query_index: int                 # the question's last token in prompt (routing query)
+    question_ids: list[int]          # the question's own tokens (token-match search)
     trees: list[ContextTree]         # documents in request order
     sampling: SamplingConfig
     seed: int = 0
@@ -117,7 +118,8 @@ class BatchingEngine:
                              torch.tensor([r.query_index for r in requests], device=model.device) + shift)
             contexts = []
             for row, r in enumerate(requests):
-                r.selections = [search(tree, q[row], r.policy) for tree in r.trees]
+                route = route_query(model, q[row], r.question_ids)
+                r.selections = [search(tree, route, r.policy) for tree in r.trees]
                 contexts.append(self.decoder.request_kv(r.trees, r.selections))
             gens = [torch.Generator().manual_seed(r.seed) for r in requests]
             finished = [False] * len(batch)

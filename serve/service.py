@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from ctxtree.detok import TextStream
-from ctxtree.prompt import question_prompt
+from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime, load_runtime
 from ctxtree.store import TreeStore
 from kernels.generate import SamplingConfig
@@ -95,7 +95,8 @@ class DecoderService:
                                   f"{self.config.max_question_tokens}")
         cached = [await self.cache.get(doc_id) for doc_id in documents]
         t_loaded = time.perf_counter()
-        request = GenRequest(prompt=prompt, query_index=query_index, trees=[c.tree for c in cached],
+        request = GenRequest(prompt=prompt, query_index=query_index,
+                             question_ids=question_tokens(self.rt.tokenizer, question), trees=[c.tree for c in cached],
                              sampling=sampling, seed=seed, policy=policy)
         text = TextStream(self.rt.tokenizer)
         t_first = None

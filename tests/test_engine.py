@@ -29,7 +29,7 @@ def requests(model, sampling):
     trees = [build_tree(model, torch.randint(3, 97, (n,), generator=g), CFG) for n in (90, 40, 150)]
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18], [19, 20, 21]]
     docs = [[trees[0]], [trees[1], trees[2]], [], [trees[2]]]
-    return [GenRequest(prompt=p, query_index=len(p) - 1, trees=d, sampling=sampling, seed=40 + i)
+    return [GenRequest(prompt=p, query_index=len(p) - 1, question_ids=p, trees=d, sampling=sampling, seed=40 + i)
             for i, (p, d) in enumerate(zip(prompts, docs))]
 
 
@@ -81,7 +81,7 @@ def test_a_failing_request_is_an_error_and_the_engine_keeps_serving(tiny_model):
 
     async def run():
         engine = BatchingEngine(dec, stop_ids=(), max_batch=8, max_wait_ms=0)
-        bad = GenRequest(prompt=[], query_index=0, trees=[], sampling=SamplingConfig(max_tokens=3))
+        bad = GenRequest(prompt=[], query_index=0, question_ids=[], trees=[], sampling=SamplingConfig(max_tokens=3))
         try:
             await collect(engine, bad)
         except ValueError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.compressor import route_query
 from kernels.generate import SamplingConfig, generate, left_pad
 from kernels.inject import AdapterError, InjectionDecoder, batch_context, load_adapter, save_adapter
 from kernels.tree import TreeConfig, build_tree, search
@@ -29,7 +30,9 @@ def trained(model, seed=0) -> InjectionDecoder:
 
 
 def request(dec, trees, q_seed=0):
-    selections = [search(t, torch.randn(64, generator=torch.Generator().manual_seed(q_seed))) for t in trees]
+    g = torch.Generator().manual_seed(q_seed)
+    route = route_query(dec.base, torch.randn(64, generator=g), torch.randint(3, 97, (6,), generator=g).tolist())
+    selections = [search(t, route) for t in trees]
     return dec.request_kv(trees, selections)
 
 

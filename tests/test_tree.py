@@ -7,7 +7,8 @@ import torch
 
 from kernels.compressor import compress_nodes
 from kernels.tree import (ContextTree, TreeConfig, build_tree, chunk_bounds, gather_nodes, keep_per_node,
-                          kept_positions, node_spans, search)
+                          kept_positions, node_spans, RouteQuery, search, token_match_scores)
+from kernels.compressor import route_query
 
 
 @pytest.mark.parametrize("n_tokens,chunk_len", [(1, 4), (1024, 1024), (1025, 1024), (5000, 512), (37, 8)])
@@ -84,7 +85,12 @@ def synthetic_tree(routes: torch.Tensor, height: int, counts: torch.Tensor | Non
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.reshape(-1).cumsum(0)])
     p = int(offsets[-1])
     keys = torch.arange(p, dtype=torch.float32).view(1, 1, p, 1).expand(1, 1, p, 2).clone()
-    return ContextTree(cfg, [64] * c, 0, keys, keys.clone(), routes, offsets)
+    return ContextTree(cfg, [64] * c, 0, keys, keys.clone(), routes, offsets, torch.zeros(64 * c, dtype=torch.int32))
+
+
+def by_vector(vector: torch.Tensor) -> RouteQuery:
+    """A query for policy "vector" (the token parts are unused there)."""
+    return RouteQuery(vector=vector, token_vectors=torch.zeros(1, 4), embed=torch.zeros(1, 4))
 
 
 def test_search_descends_toward_the_query_per_chunk():
@@ -99,10 +105,10 @@ def test_search_descends_toward_the_query_per_chunk():
     routes[1, 0] = q * 2 + 0.1
     routes[1, 3] = q * 2 + 0.1
     tree = synthetic_tree(routes, 3)
-    sel = search(tree, q, "query")
+    sel = search(tree, by_vector(q), "vector")
     assert sel[0].tolist() == [1, 6, 11, 12]   # inject sibling 1, sibling 6, both children of 5
     assert sel[1].tolist() == [2, 3, 9, 10]    # its own pairs: chose 1, then 4 -> children 9, 10
-    right = search(tree, q, "right")
+    right = search(tree, by_vector(q), "right")
     assert right.tolist() == [[1, 5, 13, 14]] * 2
 
 
@@ -111,7 +117,7 @@ def test_search_never_chooses_an_empty_child():
     counts = torch.tensor([[0, 2, 0, 0, 1, 1]])   # node 1 empty (and its children 3, 4)
     tree = synthetic_tree(routes, 2, counts)
     q = routes[0, 0].clone()                       # the empty node's route is "closest"
-    sel = search(tree, q, "query")
+    sel = search(tree, by_vector(q), "vector")
     assert sel.tolist() == [[1, 5, 6]]
 
 
@@ -134,9 +140,32 @@ def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="unknown tree config keys"):
         TreeConfig.from_dict({"n_layers": 4, "bogus": 1})
     with pytest.raises(ValueError, match="policy"):
-        search(synthetic_tree(torch.randn(1, 6, 4), 2), torch.randn(4), "left")
+        search(synthetic_tree(torch.randn(1, 6, 4), 2), by_vector(torch.randn(4)), "left")
 
 
 def test_search_ties_go_left_like_argmax():
     routes = torch.ones(1, 6, 4)   # identical halves give identical routing vectors
-    assert search(synthetic_tree(routes, 2), torch.ones(4), "query").tolist() == [[2, 3, 4]]
+    assert search(synthetic_tree(routes, 2), by_vector(torch.ones(4)), "vector").tolist() == [[2, 3, 4]]
+
+
+def test_query_search_descends_to_the_node_holding_the_questions_words(tiny_model):
+    # Two chunks of filler tokens; chunk 1's finest node 12 (tokens [320, 384) of the chunk)
+    # holds the question's "words", which occur nowhere else. Search must descend to it.
+    cfg = TreeConfig(n_layers=2, chunk_len=512, height=3, keep=8, codec="fp32")
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(3, 60, (1024,), generator=g)
+    words = [71, 88, 93, 64]
+    start, end = node_spans(512, 3)[12]
+    assert (start, end) == (320, 384)
+    tokens[512 + start + 20:512 + start + 24] = torch.tensor(words)
+    tree = build_tree(tiny_model, tokens, cfg)
+    assert torch.equal(tree.tokens, tokens.to(torch.int32))
+    route = route_query(tiny_model, torch.zeros(tiny_model.cfg.hidden_size), words)
+    sel = search(tree, route, "query")
+    assert sel[1].tolist() == [1, 6, 11, 12]   # right half (node 2), its left child (5), finest 11 and 12
+    # per level, the node on the path scores above its sibling
+    scores = token_match_scores(tree, route)
+    assert scores[1, 1] > scores[1, 0] and scores[1, 4] > scores[1, 5] and scores[1, 11] > scores[1, 10]
+    # every question token occurs in node 12: each contributes its best cosine, 1
+    assert scores[1, 11].item() == pytest.approx(len(words), abs=1e-4)
+    assert scores[0].max().item() < len(words) - 0.1   # chunk 0 holds none of them
