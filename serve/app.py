@@ -39,7 +39,7 @@ class QueryRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
-    policy: Literal["query", "right"] = "query"
+    policy: Literal["query", "vector", "right"] = "query"
     stream: bool = False
 
 
