@@ -6,6 +6,7 @@
 Methods, all on the same held-out samples (haystack text, entities, templates and
 question phrasings never seen in training):
 - `query`:  the injection decoder with the shipped (or --adapter) weights, search policy query;
+- `vector`: the same, search policy vector (the method's routing vector, method.md §4);
 - `right`:  the same, search policy right (the paper's language-modelling rule);
 - `norope`: the same, cross_rope none (no chunk-level positions);
 - `zero`:   the zero-initialised injection decoder (exactly the base model, no document);
@@ -42,7 +43,8 @@ from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("query", "right", "norope", "zero", "base", "bm25")
+METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25")
+INJECTED = ("query", "vector", "right", "norope")  # methods that need trained injection weights
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 PROMPT = "Read the text and answer the question.\n\nText:\n{context}\n\nQuestion: {question}"
 
@@ -145,7 +147,7 @@ def main() -> None:
 
     rt = load_runtime(tree_config=TreeConfig(keep=args.keep), adapter=Path(args.adapter) if args.adapter else None)
     adapter_dir = rt.adapter_dir
-    decoders = {"query": rt.decoder, "right": rt.decoder,
+    decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
                 "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval()}
     base_decoder = decoders["zero"]  # without injected context: exactly the base model
@@ -168,17 +170,17 @@ def main() -> None:
                     built_tokens += (chunks.built - before) * rt.tree_config.chunk_len
                 texts = None
                 for method in args.methods:
-                    if method in ("query", "right", "norope") and adapter_dir is None:
+                    if method in INJECTED and adapter_dir is None:
                         continue
                     if (method == "base" and args.base_questions is not None and length > 4096
                             and i >= args.base_questions):
                         continue
                     t0 = time.perf_counter()
                     level = None
-                    if method in ("query", "right", "norope", "zero"):
+                    if method in INJECTED + ("zero",):
                         rt.decoder = decoders[method]
                         answer = answer_question(rt, trees, s.question, sampling,
-                                                 policy="right" if method == "right" else "query")
+                                                 policy=method if method in ("vector", "right") else "query")
                         ans = answer.text
                         level = [injected_level(trees[d], answer.selections[d], pos)
                                  for d, pos in s.answer_positions]
