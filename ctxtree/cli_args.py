@@ -15,10 +15,11 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     if adapter:
         p.add_argument("--adapter", default=None, help="injection weights directory; default: the shipped adapter for the model, "
                        "'none': the zero-initialised decoder (the base model)")
-    p.add_argument("--layers", type=int, default=4, help="M, injection layers (default 4)")
-    p.add_argument("--chunk-len", type=int, default=1024, help="L, tokens per chunk (default 1024)")
-    p.add_argument("--height", type=int, default=3, help="h, tree height (default 3)")
-    p.add_argument("--keep", type=int, default=32, help="p, kept positions per node (default 32)")
+    d = TreeConfig()  # the defaults are the tree setting the shipped adapter was trained for
+    p.add_argument("--layers", type=int, default=d.n_layers, help=f"M, injection layers (default {d.n_layers})")
+    p.add_argument("--chunk-len", type=int, default=d.chunk_len, help=f"L, tokens per chunk (default {d.chunk_len})")
+    p.add_argument("--height", type=int, default=d.height, help=f"h, tree height (default {d.height})")
+    p.add_argument("--keep", type=int, default=d.keep, help=f"p, kept positions per node (default {d.keep})")
     p.add_argument("--codec", default="bf16", choices=sorted(CODECS), help="stored K/V dtype (default bf16)")
     p.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
                    help="compute dtype (default float32)")

@@ -28,7 +28,10 @@ POLICIES = ("query", "vector", "right")
 class TreeConfig:
     """Compressor and tree settings; all of them are part of the model fingerprint."""
     n_layers: int = 4        # M: injection layers
-    chunk_len: int = 1024    # L: tokens per chunk
+    # L = 256 rather than the method's 1024: with p = 32 the finest nodes (32 tokens) then
+    # keep every position, so the decoder can copy a value exactly; at L = 1024 they keep
+    # every 4th and it cannot (docs/quality.md). The shipped adapter is trained for this.
+    chunk_len: int = 256     # L: tokens per chunk
     height: int = 3          # h: tree height
     keep: int = 32           # p: kept positions per node of a full chunk
     codec: str = "bf16"      # storage dtype of K/V and routing vectors

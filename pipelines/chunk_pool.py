@@ -86,8 +86,12 @@ class ChunkPool:
     """Haystack and needle chunk trees of one split, for training."""
 
     def __init__(self, cache: ChunkCache, tokenizer, haystack: Haystack, seed: int,
-                 digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4, needle_len: int = 0):
+                 digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4, needle_len: int = 0,
+                 haystack_chunks: int = 0):
         self.cache, self.tokenizer, self.cfg = cache, tokenizer, cache.cfg
+        # haystack chunks drawn from (0 = all): fewer means fewer one-time compressions,
+        # which dominate the first hours of a run with long documents and short chunks
+        self.haystack_chunks = haystack_chunks
         self.haystack, self.seed, self.digits, self.facts_per_chunk = haystack, seed, digits, facts_per_chunk
         # needle chunks shorter than L are one-chunk documents (only a last chunk may be short)
         self.needle_len = needle_len or self.cfg.chunk_len
@@ -99,7 +103,8 @@ class ChunkPool:
 
     @property
     def n_haystack_chunks(self) -> int:
-        return len(self.haystack) // self.cfg.chunk_len
+        available = len(self.haystack) // self.cfg.chunk_len
+        return min(available, self.haystack_chunks) if self.haystack_chunks else available
 
     def haystack_chunk(self, index: int) -> ContextTree:
         L = self.cfg.chunk_len

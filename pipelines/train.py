@@ -3,7 +3,8 @@
     ctxtree train --out runs/m4                                # local Ray, one CPU worker
     ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
 
-The defaults are the recipe of the shipped adapter (docs/training.md); --out must be a
+The defaults are the last stage of the shipped adapter's recipe (the whole recipe, one
+command: `python -m pipelines.recipe`; docs/training.md); --out must be a
 path every worker can write (a shared filesystem on a cluster; rank 0 writes).
 
 A TorchTrainer runs `train_loop` on each worker (CPU here, GPU on a cluster); gradients
@@ -44,26 +45,28 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 4000
+    steps: int = 2000                     # length of the learning-rate schedule
+    stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
-    warmup: int = 50
+    warmup: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     layers: int = 4
-    chunk_len: int = 1024
+    chunk_len: int = 256
     height: int = 3
     keep: int = 32
     pool_dir: str | None = None           # default <cache>/train-pool
-    pool_size: int = 256                  # needle chunks, drawn at random; 0 = a fresh chunk every few examples
+    pool_size: int = 0                    # needle chunks, drawn at random; 0 = a fresh chunk every few examples
     needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
-    facts_per_chunk: int = 4
-    digits: tuple[int, int] = (2, 6)
-    max_chunks: int = 8                   # context chunks per document at the end of the curriculum
-    ramp_steps: int = 1500                # steps from 1 chunk per document to max_chunks
-    spread_fraction: float = 0.2
-    oracle_fraction: float = 0.5          # examples routed to the answer's nodes (teacher routing)
+    facts_per_chunk: int = 2
+    haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
+    digits: tuple[int, int] = (3, 6)
+    max_chunks: int = 32                  # context chunks per document at the end of the curriculum
+    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
+    spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
+    oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
@@ -78,6 +81,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 1 or self.workers < 1:
             raise ValueError("steps, batch and workers must be >= 1")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be within 0..steps ({self.steps}), got {self.stop_at}")
         if not self.lr > 0 or self.pool_size == 1 or self.pool_size < 0 or self.max_chunks < 1:
             raise ValueError("lr must be > 0, pool_size 0 (fresh) or >= 2, max_chunks >= 1")
         if self.pool_size == 0 and self.spread_fraction > 0:
@@ -87,6 +92,8 @@ class TrainConfig:
         if 0 < self.needle_len < self.chunk_len and (self.max_chunks > 1 or self.spread_fraction > 0):
             raise ValueError("needles shorter than chunk_len are one-chunk documents: set max_chunks 1, "
                              "spread_fraction 0")
+        if self.haystack_chunks < 0:
+            raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
 
@@ -99,7 +106,7 @@ class TrainConfig:
         """What determines the trained weights (not where they go or how fast)."""
         d = dataclasses.asdict(self)
         for k in ("out", "pool_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_chunks",
-                  "log_every", "threads", "cpus_per_worker", "use_gpu", "steps"):
+                  "log_every", "threads", "cpus_per_worker", "use_gpu", "steps", "stop_at"):
             d.pop(k)
         return d
 
@@ -195,10 +202,10 @@ def train_loop(config: dict) -> None:
     pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
     train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
-                                       cfg.facts_per_chunk, cfg.needle_len) for split in ("train", "heldout"))
+                                       cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks) for split in ("train", "heldout"))
     n_params = sum(p.numel() for p in params)
     if rank == 0:
-        print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.steps}; batch {cfg.batch} x {world} "
+        print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.stop_at or cfg.steps} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
               f"workers; resume from {resume or 'scratch'}", flush=True)
 
     def evaluate() -> dict:
@@ -235,7 +242,8 @@ def train_loop(config: dict) -> None:
                                         for k, v in initial.items()), flush=True)
     window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
     metrics: dict = {}
-    for step in range(start, cfg.steps):
+    last = cfg.stop_at or cfg.steps
+    for step in range(start, last):
         lr = learning_rate(cfg, step)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -259,17 +267,17 @@ def train_loop(config: dict) -> None:
         window["rows"] += len(examples)
         done = step + 1
         metrics = {}
-        if done % cfg.log_every == 0 or done == cfg.steps:
+        if done % cfg.log_every == 0 or done == last:
             dt = time.perf_counter() - window["t"]
             metrics = {"step": done, "loss": window["loss"] / window["tokens"],
                        "token_acc": window["correct"] / window["tokens"], "exact": window["exact"] / window["rows"],
                        "lr": lr, "max_chunks": max_chunks, "s_per_step": dt / max(1, window["rows"] / cfg.batch),
                        "chunks_built": train_pool.built}
             window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % cfg.eval_every == 0 or done == last:
             metrics.update({"step": done, **evaluate()})
         checkpoint_dir = None
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == last):
             checkpoint_dir = _write_checkpoint(out, done, decoder, opt, names, rt.weights_digest, cfg, metrics)
         if rank == 0 and metrics:
             log.write(json.dumps({"time": time.time(), **metrics}) + "\n")

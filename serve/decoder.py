@@ -44,10 +44,10 @@ class ServeArgs(BaseModel):
     store: str
     model: str | None = None
     adapter: str | None = None
-    layers: int = 4
-    chunk_len: int = 1024
-    height: int = 3
-    keep: int = 32
+    layers: int = TreeConfig.n_layers
+    chunk_len: int = TreeConfig.chunk_len
+    height: int = TreeConfig.height
+    keep: int = TreeConfig.keep
     codec: str = "bf16"
     dtype: str = "float32"
     cache_mb: float = Field(default=1024, gt=0)

@@ -126,7 +126,7 @@ def test_fresh_needles_never_repeat_a_fact_and_bad_settings_are_refused(tiny_cha
     with pytest.raises(ValueError, match="spread"):
         TrainConfig(out="x", pool_size=0, spread_fraction=0.2)
     with pytest.raises(ValueError, match="one-chunk"):
-        TrainConfig(out="x", needle_len=256, max_chunks=2, spread_fraction=0.0)
+        TrainConfig(out="x", chunk_len=1024, needle_len=256, max_chunks=2, spread_fraction=0.0)
     with pytest.raises(ValueError, match="needle_len"):
         TrainConfig(out="x", needle_len=4096)
 
@@ -209,3 +209,16 @@ def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_
     refused = subprocess.run(ask + ["--adapter", str(adapter)], env=env(), cwd=REPO, capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 2 and "trained for base weights" in refused.stderr
+
+
+def test_the_shipped_recipe_is_valid_and_its_last_stage_is_the_default():
+    from pipelines.recipe import STAGES
+    from pipelines.train import TrainConfig
+
+    configs = [TrainConfig(out=name, **stage) for name, stage in STAGES]  # each validates itself
+    assert [c.seed for c in configs] == sorted({c.seed for c in configs})  # every stage sees new facts
+    last = configs[-1]
+    default = TrainConfig(out=last.out)
+    settings = lambda c: {k: v for k, v in c.recipe().items() if k not in ("seed", "init_adapter")}  # noqa: E731
+    assert settings(last) == settings(default) and last.steps == default.steps, \
+        "`ctxtree train` defaults must be the shipped recipe's last stage"
