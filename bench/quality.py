@@ -121,6 +121,52 @@ def base_context(rt, documents: list[list[int]], question: str, max_tokens: int)
     return "\n\n".join(rt.tokenizer.decode(d[:per_document]) for d in documents)
 
 
+def summarize(records: list[dict], height: int) -> dict:
+    """Per method and length: accuracy, per needle kind, seconds per question, and where
+    search put the asked values (the finest level, where every position is kept, or coarser)."""
+    methods = [m for m in METHODS if m in {r["method"] for r in records}]
+    lengths = sorted({r["length"] for r in records})
+    results: dict = {m: {} for m in methods}
+    for method in methods:
+        for length in lengths:
+            rs = [r for r in records if r["method"] == method and r["length"] == length]
+            if not rs:
+                continue
+            kinds = sorted({r["kind"] for r in rs})
+            results[method][str(length)] = {
+                "accuracy": sum(r["correct"] for r in rs) / len(rs), "questions": len(rs),
+                "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / sum(1 for r in rs if r["kind"] == k)
+                             for k in kinds},
+                "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
+            levels = [lv for r in rs for lv in (r["answer_level"] or [])]
+            if levels:
+                results[method][str(length)]["answer_in_finest_node"] = sum(lv == height for lv in levels) / len(levels)
+    return results
+
+
+def merge(paths: list[Path], out: Path, plot_path: Path) -> None:
+    """One report from several runs over the same samples (e.g. the baselines and the
+    injection decoder run in two processes): later files win for a method they both ran."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    records: list[dict] = []
+    for rep in reports:
+        ran = {r["method"] for r in rep["records"]}
+        records = [r for r in records if r["method"] not in ran] + rep["records"]
+    for rep in reports[1:]:
+        if rep["tree_config"] != reports[0]["tree_config"]:
+            raise SystemExit(f"cannot merge runs with different tree configs: {[str(p) for p in paths]}")
+    report = dict(reports[-1])
+    report.update(records=records, results=summarize(records, report["tree_config"]["height"]),
+                  merged_from=[str(p) for p in paths],
+                  base_questions_cap=next((r["base_questions_cap"] for r in reports if r["base_questions_cap"]), None),
+                  tree_build_tokens_per_s=next((r["tree_build_tokens_per_s"] for r in reports
+                                                if r["tree_build_tokens_per_s"]), None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(report, plot_path)
+    print(json.dumps({m: {k: v["accuracy"] for k, v in r.items()} for m, r in report["results"].items()}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=13, help="per (length, needle kind)")
@@ -130,7 +176,8 @@ def main() -> None:
     ap.add_argument("--base-questions", type=int, default=None,
                     help="cap per (length, kind) for `base` beyond 4K tokens (40 s a question at 8K)")
     ap.add_argument("--adapter", default=None, help="injection weights (default: the shipped adapter)")
-    ap.add_argument("--keep", type=int, default=32, help="tree: positions kept per node (p)")
+    ap.add_argument("--keep", type=int, default=TreeConfig.keep, help="tree: positions kept per node (p)")
+    ap.add_argument("--chunk-len", type=int, default=TreeConfig.chunk_len, help="tree: tokens per chunk (L)")
     ap.add_argument("--bm25-k", type=int, default=4, help="passages given to the base model")
     ap.add_argument("--max-tokens", type=int, default=48,
                     help="answer budget (the base model answers in sentences; the decoder stops early)")
@@ -141,11 +188,16 @@ def main() -> None:
                          "methods after training; the samples are the same for the same seed)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "quality.png")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="run nothing: merge these result files (same samples, other methods) into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out, args.plot)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(tree_config=TreeConfig(keep=args.keep), adapter=Path(args.adapter) if args.adapter else None)
+    rt = load_runtime(tree_config=TreeConfig(keep=args.keep, chunk_len=args.chunk_len), adapter=Path(args.adapter) if args.adapter else None)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
@@ -154,7 +206,6 @@ def main() -> None:
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)
     sampling = SamplingConfig(max_tokens=args.max_tokens)
-    results: dict = {m: {} for m in args.methods}
     build_s, built_tokens = 0.0, 0
     records = []
     t_start = time.perf_counter()
@@ -203,27 +254,11 @@ def main() -> None:
                     if r["length"] == length and r["kind"] == kind and r["index"] == i),
                     f"({time.perf_counter() - t_start:.0f} s)", flush=True)
     rt.decoder = decoders["query"]
-    methods, old = list(args.methods), {}
     if args.update and args.out.is_file():
         old = json.loads(args.out.read_text())
-        kept = [r for r in old["records"] if r["method"] not in args.methods]
-        records = kept + records
-        methods = [m for m in METHODS if m in {r["method"] for r in records}]
-        results = {m: {} for m in methods}
-    lengths = sorted({r["length"] for r in records})
-    for method in methods:
-        for length in lengths:
-            rs = [r for r in records if r["method"] == method and r["length"] == length]
-            if not rs:
-                continue
-            results[method][str(length)] = {
-                "accuracy": sum(r["correct"] for r in rs) / len(rs), "questions": len(rs),
-                "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / max(1, sum(
-                    1 for r in rs if r["kind"] == k)) for k in sorted({r["kind"] for r in rs})},
-                "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
-            levels = [lv for r in rs for lv in (r["answer_level"] or [])]
-            if levels:  # where search put the asked values: finest level (1/4 kept) or coarser
-                results[method][str(length)]["answer_in_finest_node"] = sum(lv == rt.tree_config.height for lv in levels) / len(levels)
+        records = [r for r in old["records"] if r["method"] not in args.methods] + records
+        if not built_tokens:
+            build_s, built_tokens = 1.0, old.get("tree_build_tokens_per_s") or 0.0
     report = {
         "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                             "platform": platform.platform()},
@@ -231,14 +266,13 @@ def main() -> None:
         "adapter_meta": json.loads((adapter_dir / "adapter.json").read_text()) if adapter_dir else None,
         "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
         "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
-        "tree_build_tokens_per_s": built_tokens / build_s if build_s else (
-            old.get("tree_build_tokens_per_s") if args.update and args.out.is_file() else None),
-        "results": results, "records": records,
+        "tree_build_tokens_per_s": built_tokens / build_s if build_s else None,
+        "results": summarize(records, rt.tree_config.height), "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     plot(report, args.plot)
-    print(json.dumps({m: {k: v["accuracy"] for k, v in r.items()} for m, r in results.items()}, indent=1))
+    print(json.dumps({m: {k: v["accuracy"] for k, v in r.items()} for m, r in report["results"].items()}, indent=1))
 
 
 def plot(report: dict, path: Path) -> None:
