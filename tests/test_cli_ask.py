@@ -25,16 +25,16 @@ def test_ask_answers_about_a_real_document(smollm_dir):
                   "--max-tokens", "24")
     assert res.returncode == 0, res.stderr
     answer = res.stdout.split("A: ", 1)[1].split("\ntimings:", 1)[0].strip()
-    # the shipped adapter was trained on lookup questions and answers in few tokens
-    assert answer, res.stdout
+    assert len(answer.split()) >= 3, res.stdout
     assert "time to first token" in res.stdout and "tokens/s" in res.stdout
     built = re.search(r"tree build: GPL-3.txt: (\d+) tokens, (\d+) chunks", res.stderr)
     assert built, res.stderr
     n_tokens, n_chunks = int(built[1]), int(built[2])
     assert n_chunks == math.ceil(n_tokens / TreeConfig().chunk_len) and n_chunks >= 8
-    # the search report lists, per chunk, h+1 = 4 node ranges inside the document
+    # the search report lists, per chunk (the first 8), h+1 = 4 node ranges inside the document
     report = [line for line in res.stdout.splitlines() if line.strip().startswith("GPL-3.txt chunk")]
-    assert len(report) == n_chunks and all(line.count("-") >= 4 for line in report)
+    assert len(report) == 8 and all(line.count("-") >= 4 for line in report)
+    assert f"GPL-3.txt: ... {n_chunks - 8} more chunks" in res.stdout
 
 
 def test_ask_reports_bad_input_clearly(tmp_path):
