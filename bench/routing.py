@@ -4,9 +4,9 @@
 
 For each held-out sample (pipelines/data.py, the same stream as bench/quality.py) and
 each search policy, the tree level of the injected node holding each asked value:
-level h (the finest, every 4th position kept at p = 32) is where a value can be read
-back; levels 1..h-1 keep every 16th / 8th position; 0 would mean not injected (never
-happens: every chunk injects a cover of itself). Policies:
+level h (the finest: every position kept at the default L = 256, p = 32; every 4th at
+L = 1024) is where a value can be read back; levels 1..h-1 keep fewer; 0 would mean not
+injected (never happens: every chunk injects a cover of itself). Policies:
 
 - `query`:  token match (kernels/tree.py token_match_scores, this project's search);
 - `vector`: the method's routing vector, cos(final_norm(h0[last])) (method.md §4);
@@ -44,7 +44,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=20, help="per (length, needle kind)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--keep", type=int, default=32, help="tree: positions kept per node (p)")
+    ap.add_argument("--keep", type=int, default=TreeConfig.keep, help="tree: positions kept per node (p)")
+    ap.add_argument("--chunk-len", type=int, default=TreeConfig.chunk_len, help="tree: tokens per chunk (L)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "routing.json")
@@ -52,7 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(tree_config=TreeConfig(keep=args.keep), adapter=NO_ADAPTER)
+    rt = load_runtime(tree_config=TreeConfig(keep=args.keep, chunk_len=args.chunk_len), adapter=NO_ADAPTER)
     height = rt.tree_config.height
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)
