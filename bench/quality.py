@@ -35,10 +35,11 @@ from pathlib import Path
 import torch
 
 from ctxtree.answer import answer_question
+from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.runtime import cache_dir, load_runtime
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder, load_adapter
-from kernels.tree import TreeConfig, node_spans
+from kernels.tree import node_spans
 from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
@@ -175,9 +176,6 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--base-questions", type=int, default=None,
                     help="cap per (length, kind) for `base` beyond 4K tokens (40 s a question at 8K)")
-    ap.add_argument("--adapter", default=None, help="injection weights (default: the shipped adapter)")
-    ap.add_argument("--keep", type=int, default=TreeConfig.keep, help="tree: positions kept per node (p)")
-    ap.add_argument("--chunk-len", type=int, default=TreeConfig.chunk_len, help="tree: tokens per chunk (L)")
     ap.add_argument("--bm25-k", type=int, default=4, help="passages given to the base model")
     ap.add_argument("--max-tokens", type=int, default=48,
                     help="answer budget (the base model answers in sentences; the decoder stops early)")
@@ -188,6 +186,7 @@ def main() -> None:
                          "methods after training; the samples are the same for the same seed)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "quality.png")
+    add_model_args(ap)  # --model, --adapter and the tree settings, as `ctxtree ask` takes them
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="run nothing: merge these result files (same samples, other methods) into --out")
     args = ap.parse_args()
@@ -197,7 +196,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(tree_config=TreeConfig(keep=args.keep, chunk_len=args.chunk_len), adapter=Path(args.adapter) if args.adapter else None)
+    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
@@ -254,11 +253,11 @@ def main() -> None:
                     if r["length"] == length and r["kind"] == kind and r["index"] == i),
                     f"({time.perf_counter() - t_start:.0f} s)", flush=True)
     rt.decoder = decoders["query"]
+    build_rate = built_tokens / build_s if build_s else None
     if args.update and args.out.is_file():
         old = json.loads(args.out.read_text())
         records = [r for r in old["records"] if r["method"] not in args.methods] + records
-        if not built_tokens:
-            build_s, built_tokens = 1.0, old.get("tree_build_tokens_per_s") or 0.0
+        build_rate = build_rate or old.get("tree_build_tokens_per_s")  # every tree came from the cache this time
     report = {
         "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                             "platform": platform.platform()},
@@ -266,7 +265,7 @@ def main() -> None:
         "adapter_meta": json.loads((adapter_dir / "adapter.json").read_text()) if adapter_dir else None,
         "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
         "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
-        "tree_build_tokens_per_s": built_tokens / build_s if build_s else None,
+        "tree_build_tokens_per_s": build_rate,
         "results": summarize(records, rt.tree_config.height), "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

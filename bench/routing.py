@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 from bench.quality import injected_level
+from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
 from kernels.compressor import query_vector, route_query
 from kernels.generate import left_pad
-from kernels.tree import POLICIES, TreeConfig, search
+from kernels.tree import POLICIES, search
 from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, load_haystack, make_sample
 
@@ -44,8 +45,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=20, help="per (length, needle kind)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
-    ap.add_argument("--keep", type=int, default=TreeConfig.keep, help="tree: positions kept per node (p)")
-    ap.add_argument("--chunk-len", type=int, default=TreeConfig.chunk_len, help="tree: tokens per chunk (L)")
+    add_model_args(ap, adapter=False)  # --model and the tree settings, as `ctxtree ask` takes them
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "routing.json")
@@ -53,7 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(tree_config=TreeConfig(keep=args.keep, chunk_len=args.chunk_len), adapter=NO_ADAPTER)
+    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=NO_ADAPTER)
     height = rt.tree_config.height
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)

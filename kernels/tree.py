@@ -30,7 +30,7 @@ class TreeConfig:
     n_layers: int = 4        # M: injection layers
     # L = 256 rather than the method's 1024: with p = 32 the finest nodes (32 tokens) then
     # keep every position, so the decoder can copy a value exactly; at L = 1024 they keep
-    # every 4th and it cannot (docs/quality.md). The shipped adapter is trained for this.
+    # every 4th and it cannot (docs/quality.md). pipelines/recipe.py trains for this.
     chunk_len: int = 256     # L: tokens per chunk
     height: int = 3          # h: tree height
     keep: int = 32           # p: kept positions per node of a full chunk

@@ -1,4 +1,4 @@
-"""The shipped adapter's recipe, as one command: its training stages in order, each
+"""The adapter recipe, as one command: its training stages in order, each
 started from the previous stage's weights.
 
     python -m pipelines.recipe --out runs/shipped [--address auto --workers 4 --use-gpu]
@@ -10,7 +10,7 @@ kill. The result is <out>/<last stage>/adapter/. docs/training.md gives the cost
 Stages 1 and 2 were first run with chunk_len 1024, keep 128 and 256-token needle
 documents; a 256-token chunk then keeps 128 * 256 // 1024 = 32 positions per node, so
 its tree is exactly the one chunk_len 256, keep 32 builds, and the stages are written
-here in those terms (the tree setting that ships).
+here in those terms (the default tree setting).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
     ctxtree train --out runs/m4                                # local Ray, one CPU worker
     ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
 
-The defaults are the last stage of the shipped adapter's recipe (the whole recipe, one
-command: `python -m pipelines.recipe`; docs/training.md); --out must be a
+The defaults are the last stage of the adapter recipe (the whole recipe, one command:
+`python -m pipelines.recipe`; docs/training.md); --out must be a
 path every worker can write (a shared filesystem on a cluster; rank 0 writes).
 
 A TorchTrainer runs `train_loop` on each worker (CPU here, GPU on a cluster); gradients
@@ -96,6 +96,11 @@ class TrainConfig:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: stop_at, else the end of the schedule."""
+        return self.stop_at or self.steps
 
     def tree_config(self):
         from kernels.tree import TreeConfig
@@ -205,7 +210,7 @@ def train_loop(config: dict) -> None:
                                        cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks) for split in ("train", "heldout"))
     n_params = sum(p.numel() for p in params)
     if rank == 0:
-        print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.stop_at or cfg.steps} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
+        print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.last_step} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
               f"workers; resume from {resume or 'scratch'}", flush=True)
 
     def evaluate() -> dict:
@@ -242,7 +247,7 @@ def train_loop(config: dict) -> None:
                                         for k, v in initial.items()), flush=True)
     window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
     metrics: dict = {}
-    last = cfg.stop_at or cfg.steps
+    last = cfg.last_step
     for step in range(start, last):
         lr = learning_rate(cfg, step)
         for g in opt.param_groups:

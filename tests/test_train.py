@@ -211,7 +211,7 @@ def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_
     assert refused.returncode == 2 and "trained for base weights" in refused.stderr
 
 
-def test_the_shipped_recipe_is_valid_and_its_last_stage_is_the_default():
+def test_the_recipe_is_valid_and_its_last_stage_is_the_default():
     from pipelines.recipe import STAGES
     from pipelines.train import TrainConfig
 
@@ -221,4 +221,4 @@ def test_the_shipped_recipe_is_valid_and_its_last_stage_is_the_default():
     default = TrainConfig(out=last.out)
     settings = lambda c: {k: v for k, v in c.recipe().items() if k not in ("seed", "init_adapter")}  # noqa: E731
     assert settings(last) == settings(default) and last.steps == default.steps, \
-        "`ctxtree train` defaults must be the shipped recipe's last stage"
+        "`ctxtree train` defaults must be the recipe's last stage"
