@@ -39,7 +39,7 @@ from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.runtime import cache_dir, load_runtime
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder, load_adapter
-from kernels.tree import node_spans
+from kernels.tree import NOT_INJECTED, node_spans
 from pipelines.chunk_pool import ChunkCache
 from pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
@@ -108,7 +108,7 @@ def injected_level(tree, selection: torch.Tensor, position: int) -> int:
         chunk += 1
     spans = node_spans(tree.chunk_lengths[chunk], tree.config.height)
     for node in selection[chunk].tolist():
-        if spans[node][0] <= offset < spans[node][1]:
+        if node != NOT_INJECTED and spans[node][0] <= offset < spans[node][1]:
             return (node + 1).bit_length() - 1  # heap index -> level
     return 0
 
@@ -196,10 +196,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter)
+    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter,
+                      top_chunks=args.top_chunks)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
-                "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none") if adapter_dir else None,
+                "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none", rt.decoder.top_chunks)
+                if adapter_dir else None,
                 "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval()}
     base_decoder = decoders["zero"]  # without injected context: exactly the base model
     haystack = load_haystack(rt.tokenizer, "heldout")

@@ -18,14 +18,14 @@ from ctxtree.runtime import Runtime
 from kernels.compressor import query_vector, route_query
 from kernels.generate import SamplingConfig, generate, left_pad
 from kernels.inject import batch_context
-from kernels.tree import ContextTree, search
+from kernels.tree import ContextTree, search_documents
 
 
 @dataclass
 class Answer:
     text: str
     token_ids: list[int]
-    selections: list[torch.Tensor]       # per document: heap indices [C, h+1]
+    selections: list[torch.Tensor]       # per document: heap indices [C, h+1], rows of 0 not injected
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -39,7 +39,7 @@ def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampli
     q = query_vector(rt.model, batch.input_ids, batch.positions, batch.token_valid,
                      torch.tensor([query_index + batch.input_ids.shape[1] - len(prompt)]))[0]
     route = route_query(rt.model, q, question_tokens(rt.tokenizer, question))
-    selections = [search(tree, route, policy) for tree in trees]
+    selections = search_documents(trees, route, policy, rt.decoder.top_chunks)
     context = batch_context([rt.decoder.request_kv(trees, selections)])
     t_search = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)

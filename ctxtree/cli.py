@@ -28,7 +28,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     t = time.perf_counter()
     rt = load_runtime(Path(args.model) if args.model else None, tree_config(args),
-                      Path(args.adapter) if args.adapter else None, args.cross_rope)
+                      Path(args.adapter) if args.adapter else None, args.cross_rope, args.top_chunks)
     print(f"model {rt.ckpt_dir.name} loaded in {time.perf_counter() - t:.1f} s; fingerprint {rt.fingerprint[:16]}",
           file=sys.stderr)
     trees = []
@@ -51,13 +51,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
           f"{tm['tokens']} tokens at {tm['decode_tokens_per_s']:.1f} tokens/s, total {tm['total_ms']:.0f} ms")
     print(f"search (policy {args.policy}): nodes chosen per chunk, as token ranges in the document")
     for doc, tree, sel in zip(args.doc, trees, ans.selections):
-        for c in range(min(tree.n_chunks, args.show_chunks)):
+        injected = [c for c in range(tree.n_chunks) if sel[c].any()]
+        for c in injected[:args.show_chunks]:
             base = sum(tree.chunk_lengths[:c])
             spans = node_spans(tree.chunk_lengths[c], tree.config.height)
             parts = [f"{base + spans[i][0]}-{base + spans[i][1]}" for i in sel[c].tolist()]
             print(f"  {doc.name} chunk {c}: nodes {sel[c].tolist()} = tokens {', '.join(parts)}")
-        if tree.n_chunks > args.show_chunks:
-            print(f"  {doc.name}: ... {tree.n_chunks - args.show_chunks} more chunks")
+        if len(injected) > args.show_chunks:
+            print(f"  {doc.name}: ... {len(injected) - args.show_chunks} more chunks")
+        if len(injected) < tree.n_chunks:
+            print(f"  {doc.name}: {tree.n_chunks - len(injected)} of {tree.n_chunks} chunks not injected "
+                  f"(top chunks: {rt.decoder.top_chunks})")
     return 0
 
 

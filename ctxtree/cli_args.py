@@ -15,6 +15,9 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     if adapter:
         p.add_argument("--adapter", default=None, help="injection weights directory; default: the shipped adapter for the model, "
                        "'none': the zero-initialised decoder (the base model)")
+        p.add_argument("--top-chunks", type=int, default=None,
+                       help="chunks injected per question, the best matches, at least one per document "
+                            "(default: as the adapter was trained; 0: every chunk)")
     d = TreeConfig()  # one source of the defaults: the setting pipelines/recipe.py trains for
     p.add_argument("--layers", type=int, default=d.n_layers, help=f"M, injection layers (default {d.n_layers})")
     p.add_argument("--chunk-len", type=int, default=d.chunk_len, help=f"L, tokens per chunk (default {d.chunk_len})")

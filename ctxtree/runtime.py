@@ -74,10 +74,12 @@ def shipped_adapter(weights_digest: str) -> Path | None:
 
 
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
-                 adapter: Path | str | None = None, cross_rope: str | None = None) -> Runtime:
+                 adapter: Path | str | None = None, cross_rope: str | None = None,
+                 top_chunks: int | None = None) -> Runtime:
     """adapter: a directory of injection weights; None: the shipped adapter for this base
     model if there is one (and it fits the tree's layers), else zero-initialised; "none":
-    zero-initialised."""
+    zero-initialised. cross_rope, top_chunks: override the adapter's (None: as trained;
+    the zero-initialised decoder keeps every chunk)."""
     tree_config = tree_config or TreeConfig()
     ckpt = prepare_checkpoint(model_path or default_model_path(), cache_dir())
     model, digest = load_llama(ckpt, COMPUTE_DTYPES[tree_config.dtype])
@@ -91,12 +93,12 @@ def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None 
         adapter = None
     if adapter is not None:
         adapter = Path(adapter)
-        decoder = load_adapter(model, adapter, digest, cross_rope)
+        decoder = load_adapter(model, adapter, digest, cross_rope, top_chunks)
         if decoder.n_layers > tree_config.n_layers:
             raise ValueError(f"adapter injects into {decoder.n_layers} layers but trees keep only "
                              f"{tree_config.n_layers} (tree n_layers)")
     else:
-        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk").eval()
+        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk", top_chunks or 0).eval()
     stops = set(model.cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)

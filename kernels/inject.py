@@ -10,6 +10,7 @@ decoder is exactly the base model.
 Chunk-level RoPE (query at position n = number of chunks, keys of chunk r at
 position r) is folded into the keys once per request: rotating chunk r's keys by
 r - n is exact because rotations compose, and nothing changes per decode step.
+When search leaves chunks out (top_chunks), the injected ones are numbered 0..n-1.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class InjectedContext:
 
 
 class InjectionDecoder(nn.Module):
-    def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk"):
+    def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk", top_chunks: int = 0):
         super().__init__()
         if not 1 <= n_layers <= base.cfg.num_hidden_layers:
             raise ValueError(f"n_layers (M) must be in 1..{base.cfg.num_hidden_layers}, got {n_layers}")
@@ -89,6 +90,11 @@ class InjectionDecoder(nn.Module):
         self.base = base
         self.n_layers = n_layers
         self.cross_rope = cross_rope
+        if top_chunks < 0:
+            raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {top_chunks}")
+        # chunks search keeps per request (kernels.tree.search_documents): a property of
+        # the trained weights, which learnt to read that many; 0 = every chunk
+        self.top_chunks = top_chunks
         self.cross_attn = nn.ModuleList(CrossAttention(base, i) for i in range(n_layers))
 
     def adapter_state(self) -> dict[str, Tensor]:
@@ -135,8 +141,12 @@ class InjectionDecoder(nn.Module):
         k = torch.cat(keys, dim=2).to(device, torch.float32)  # [M,Hkv,S,Dh]
         v = torch.cat(values, dim=2).to(device)
         if self.cross_rope == "chunk":
-            # keys of chunk r move to r - n: the query's rotation to position n is folded in.
-            rel = (torch.cat(chunks) - offset)[None].to(device)  # [1,S]
+            # the injected chunks are numbered 0..n-1 in document order (chunks left out by
+            # search_documents leave no gap); keys of chunk r move to r - n: the query's
+            # rotation to position n is folded in.
+            chunk_ids = torch.cat(chunks)  # [S]
+            injected = torch.unique(chunk_ids)  # sorted
+            rel = (torch.searchsorted(injected, chunk_ids) - injected.numel())[None].to(device)  # [1,S]
             cos, sin = rope_cos_sin(self.base.inv_freq, rel, torch.float32)  # fp32 angles even for bf16 models
             k = apply_rope(k, cos, sin)
         return k.to(self.base.dtype), v.to(self.base.dtype)
@@ -167,14 +177,15 @@ def save_adapter(decoder: InjectionDecoder, out_dir: Path, base_digest: str, ext
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in decoder.adapter_state().items()}
     save_file(state, str(out_dir / ADAPTER_WEIGHTS))
-    meta = {"n_layers": decoder.n_layers, "cross_rope": decoder.cross_rope,
+    meta = {"n_layers": decoder.n_layers, "cross_rope": decoder.cross_rope, "top_chunks": decoder.top_chunks,
             "base_weights_digest": base_digest, **(extra or {})}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
-                 cross_rope: str | None = None) -> InjectionDecoder:
-    """An InjectionDecoder over `base` with trained weights; refuses another base model's adapter."""
+                 cross_rope: str | None = None, top_chunks: int | None = None) -> InjectionDecoder:
+    """An InjectionDecoder over `base` with trained weights; refuses another base model's adapter.
+    cross_rope and top_chunks override what the adapter was trained with (experiments)."""
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -183,7 +194,8 @@ def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
     if meta.get("base_weights_digest") != base_digest:
         raise AdapterError(f"adapter {adapter_dir} was trained for base weights {meta.get('base_weights_digest')!r}, "
                            f"but the loaded model is {base_digest!r}")
-    decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"))
+    decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"),
+                               int(meta.get("top_chunks", 0)) if top_chunks is None else top_chunks)
     state = {k.removeprefix("cross_attn."): v.to(base.device) for k, v in load_file(str(weights_path)).items()}
     try:
         decoder.cross_attn.load_state_dict({k: v.to(base.dtype) for k, v in state.items()}, strict=True)

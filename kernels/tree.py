@@ -279,7 +279,24 @@ def token_match_scores(tree: ContextTree, query: RouteQuery) -> Tensor:
     return scores
 
 
-def search(tree: ContextTree, query: RouteQuery, policy: str = "query") -> Tensor:
+NOT_INJECTED = 0  # a selection row of roots: the chunk is left out (the root is never stored)
+
+
+def node_scores(tree: ContextTree, query: RouteQuery, policy: str) -> Tensor | None:
+    """[C, N] how well every stored node matches the question under `policy` (None for
+    "right", which ignores the question)."""
+    if policy not in POLICIES:
+        raise ValueError(f"search policy {policy!r} unknown; expected one of {POLICIES}")
+    if policy == "query":
+        return token_match_scores(tree, query)
+    if policy == "vector":
+        scores = torch.nn.functional.cosine_similarity(
+            tree.routes.float(), query.vector.detach().float().cpu().view(1, 1, -1), dim=-1)  # [C,N], trees live on the CPU
+        return scores.masked_fill(tree.node_counts() == 0, float("-inf"))
+    return None
+
+
+def search(tree: ContextTree, query: RouteQuery, policy: str = "query", scores: Tensor | None = None) -> Tensor:
     """Heap indices [C, h+1] of the nodes to inject from each chunk.
 
     At levels 1..h-1 the child not chosen is injected (coarse), at level h both
@@ -287,16 +304,13 @@ def search(tree: ContextTree, query: RouteQuery, policy: str = "query") -> Tenso
     match the question's better (token_match_scores); "vector" the child whose routing
     vector has the larger cosine with the question's (method.md §4 to the letter);
     "right" always the right child. Ties go left, like argmax. Each chunk's own
-    children are compared.
+    children are compared. scores: node_scores(tree, query, policy) if already computed.
     """
-    if policy not in POLICIES:
+    if scores is None:
+        scores = node_scores(tree, query, policy)
+    elif policy not in POLICIES:
         raise ValueError(f"search policy {policy!r} unknown; expected one of {POLICIES}")
     c = tree.n_chunks
-    if policy == "query":
-        scores = token_match_scores(tree, query)  # [C,N]
-    elif policy == "vector":
-        scores = torch.nn.functional.cosine_similarity(
-            tree.routes.float(), query.vector.detach().float().cpu().view(1, 1, -1), dim=-1)  # [C,N], trees live on the CPU
     empty = tree.node_counts() == 0  # [C,N]
     rows = torch.arange(c)
     node = torch.zeros(c, dtype=torch.long)
@@ -314,19 +328,60 @@ def search(tree: ContextTree, query: RouteQuery, policy: str = "query") -> Tenso
     return torch.stack(injected, dim=1)
 
 
+def chunk_scores(tree: ContextTree, scores: Tensor) -> Tensor:
+    """[C] a chunk's match with the question: its best node at level 2 (a quarter chunk;
+    level 1 if the tree has height 1). A whole chunk's token match rewards chunks that
+    merely contain many of the question's words; a quarter has to hold them together."""
+    level = min(2, tree.config.height)
+    first = 2 ** level - 1  # heap index of the level's first node
+    return scores[:, first - 1:2 * first].amax(dim=1)
+
+
+def search_documents(trees: list[ContextTree], query: RouteQuery, policy: str = "query",
+                     top_chunks: int = 0) -> list[Tensor]:
+    """search() over every document of a request, injecting at most `top_chunks` chunks.
+
+    top_chunks > 0 keeps only the chunks that match the question best, at least one per
+    document (so a request may keep len(trees) chunks when that is more); the rows of the
+    other chunks are NOT_INJECTED. 0 keeps every chunk (method.md §4). Policy "right"
+    does not look at the question, so it keeps every chunk whatever top_chunks says.
+    Why select chunks at all: the decoder reads all injected positions in one softmax,
+    and on documents of many chunks the other chunks' finest nodes drown the one that
+    holds the answer (docs/quality.md, "chunk selection").
+    """
+    if top_chunks < 0:
+        raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {top_chunks}")
+    node_score = [node_scores(tree, query, policy) for tree in trees]
+    selections = [search(tree, query, policy, s) for tree, s in zip(trees, node_score)]
+    if top_chunks == 0 or policy == "right":
+        return selections
+    per_doc = [chunk_scores(tree, s) for tree, s in zip(trees, node_score)]
+    keep = [torch.zeros(tree.n_chunks, dtype=torch.bool) for tree in trees]
+    for d, scores in enumerate(per_doc):  # every document keeps its best chunk
+        keep[d][int(scores.argmax())] = True
+    # then the best of the rest, over all documents; ties go to the earlier chunk
+    rest = sorted(((-float(s), d, c) for d, scores in enumerate(per_doc) for c, s in enumerate(scores.tolist())
+                   if not keep[d][c]))
+    for _, d, c in rest[:max(0, top_chunks - len(trees))]:
+        keep[d][c] = True
+    return [sel.masked_fill(~k[:, None], NOT_INJECTED) for sel, k in zip(selections, keep)]
+
+
 def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """K, V [M, Hkv, S, Dh] and chunk index [S] (relative to the tree) of the selected nodes.
 
-    selected: heap indices [C, k] as returned by search().
+    selected: heap indices [C, k] as returned by search(); rows of NOT_INJECTED are skipped.
     """
     n = tree.config.n_nodes
-    flat = (torch.arange(tree.n_chunks)[:, None] * n + selected - 1).reshape(-1)  # stored-node ids
+    chunks = torch.nonzero((selected != NOT_INJECTED).any(dim=1)).flatten()  # [C'] injected chunks
+    selected = selected[chunks]
+    flat = (chunks[:, None] * n + selected - 1).reshape(-1)  # stored-node ids
     starts, ends = tree.node_offsets[flat], tree.node_offsets[flat + 1]
     counts = ends - starts
     # positions = concat(arange(start, end)) for every selected node, without a Python loop
     total = int(counts.sum())
     base = torch.repeat_interleave(starts - torch.cumsum(counts, 0) + counts, counts)
     positions = base + torch.arange(total)
-    chunk_of_node = torch.arange(tree.n_chunks).repeat_interleave(selected.shape[1])
+    chunk_of_node = chunks.repeat_interleave(selected.shape[1])
     chunk_index = torch.repeat_interleave(chunk_of_node, counts)
     return tree.keys[:, :, positions], tree.values[:, :, positions], chunk_index

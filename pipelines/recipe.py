@@ -25,7 +25,8 @@ from pipelines.train import ADAPTER_DIR, TrainConfig, run
 # one-chunk documents with two fresh facts each (nothing can be learnt by heart), mostly
 # teacher-routed: the decoder learns to copy a value out of the injected nodes
 COPY = dict(chunk_len=256, keep=32, needle_len=0, pool_size=0, facts_per_chunk=2, digits=(3, 6), max_chunks=1,
-            ramp_steps=0, spread_fraction=0.0, oracle_fraction=0.75, lr=3e-3, warmup=20, batch=4)
+            ramp_steps=0, spread_fraction=0.0, oracle_fraction=0.75, lr=3e-3, warmup=20, batch=4,
+            top_chunks=0, prose_fraction=0.0)
 
 STAGES: list[tuple[str, dict]] = [
     ("1-copy", dict(COPY, steps=2000, stop_at=1600, seed=0)),
@@ -34,6 +35,10 @@ STAGES: list[tuple[str, dict]] = [
     # searched as at serving time (token match), a tenth teacher-routed
     ("3-long", dict(COPY, max_chunks=32, ramp_steps=800, oracle_fraction=0.1, lr=2e-3, haystack_chunks=512,
                     steps=2000, seed=2)),
+    # search keeps the 2 best-matching chunks (as served), and a fifth of the questions are
+    # prose questions answered as the base model answers them with the passage in its prompt
+    ("4-select-prose", dict(COPY, max_chunks=32, ramp_steps=0, oracle_fraction=0.1, lr=1e-3, haystack_chunks=512,
+                            top_chunks=2, prose_fraction=0.2, prose_examples=256, steps=1000, seed=3)),
 ]
 
 

@@ -45,10 +45,10 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 2000                     # length of the learning-rate schedule
+    steps: int = 1000                     # length of the learning-rate schedule
     stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
     warmup: int = 20
     weight_decay: float = 0.0
@@ -64,9 +64,12 @@ class TrainConfig:
     haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
     digits: tuple[int, int] = (3, 6)
     max_chunks: int = 32                  # context chunks per document at the end of the curriculum
-    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
+    ramp_steps: int = 0                   # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
+    top_chunks: int = 2                   # chunks search injects per question (0 = all); saved with the adapter
+    prose_fraction: float = 0.2           # examples that are prose questions answered by the base model
+    prose_examples: int = 256             # passages those are drawn from (generated once, cached)
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
@@ -92,6 +95,10 @@ class TrainConfig:
         if 0 < self.needle_len < self.chunk_len and (self.max_chunks > 1 or self.spread_fraction > 0):
             raise ValueError("needles shorter than chunk_len are one-chunk documents: set max_chunks 1, "
                              "spread_fraction 0")
+        if self.top_chunks < 0:
+            raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {self.top_chunks}")
+        if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1:
+            raise ValueError("prose_fraction must be within [0, 1), prose_examples >= 1")
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
@@ -161,9 +168,10 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
-    from kernels.inject import load_adapter
+    from kernels.inject import InjectionDecoder, load_adapter
     from pipelines.chunk_pool import ChunkCache, ChunkPool
     from pipelines.data import load_haystack
+    from pipelines.prose import load_or_make, make_prose_examples, prose_chunks
     from pipelines.train_step import Example, answer_step, curriculum_chunks, load_optimizer, make_example
 
     cfg = TrainConfig(**{**config, "digits": tuple(config["digits"])})
@@ -190,6 +198,7 @@ def train_loop(config: dict) -> None:
         decoder = load_adapter(rt.model, resume, rt.weights_digest)
     elif cfg.init_adapter:
         decoder = load_adapter(rt.model, Path(cfg.init_adapter), rt.weights_digest)
+    decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
     decoder.train()
     for p in rt.model.parameters():
         p.requires_grad_(False)
@@ -208,6 +217,24 @@ def train_loop(config: dict) -> None:
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
     train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
                                        cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks) for split in ("train", "heldout"))
+    prose, eval_prose = [], []
+    if cfg.prose_fraction > 0:
+        base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no context: the base model
+
+        def prose_set(pool: ChunkPool, count: int) -> list:
+            picked = prose_chunks(count, pool.n_haystack_chunks, cfg.seed)
+            L = cfg.chunk_len
+            path = chunks.dir / f"prose-{pool.haystack.split}-{cfg.seed}-{count}-{pool.n_haystack_chunks}.json"
+            t0 = time.perf_counter()
+            made = load_or_make(path, lambda: make_prose_examples(
+                base_only, rt.tokenizer, rt.stop_ids, picked,
+                [pool.haystack.tokens[i * L:(i + 1) * L] for i in picked], pool.haystack.split, cfg.seed))
+            if rank == 0:
+                print(f"[train] {len(made)} {pool.haystack.split} prose examples ({path.name}, "
+                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
+            return made
+
+        prose, eval_prose = prose_set(train_pool, cfg.prose_examples), prose_set(eval_pool, 8)
     n_params = sum(p.numel() for p in params)
     if rank == 0:
         print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.last_step} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
@@ -226,14 +253,21 @@ def train_loop(config: dict) -> None:
             tot = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0}
             with torch.no_grad():
                 for i in range(0, len(examples), cfg.batch):
-                    r = answer_step(decoder, rt.tokenizer, end_id, examples[i:i + cfg.batch])
-                    tot["loss"] += float(r.loss) * r.tokens
+                    batch = examples[i:i + cfg.batch]
+                    r = answer_step(decoder, rt.tokenizer, end_id, batch)
+                    tot["loss"] += float(r.loss) * len(batch)  # r.loss is a mean over examples
                     tot["tokens"] += r.tokens
                     tot["correct"] += r.correct_tokens
                     tot["exact"] += r.exact
-            out.update({f"eval_{mode}_loss": tot["loss"] / tot["tokens"],
+            out.update({f"eval_{mode}_loss": tot["loss"] / len(examples),
                         f"eval_{mode}_token_acc": tot["correct"] / tot["tokens"],
                         f"eval_{mode}_exact": tot["exact"] / len(examples)})
+        if eval_prose:  # does it still answer in prose? (the base model's answers, teacher-forced)
+            examples = [Example(trees=[eval_pool.haystack_chunk(p.chunk)], question=p.question, target=p.answer)
+                        for p in eval_prose]
+            with torch.no_grad():
+                r = answer_step(decoder, rt.tokenizer, end_id, examples)
+            out.update({"eval_prose_loss": float(r.loss), "eval_prose_token_acc": r.correct_tokens / r.tokens})
         decoder.train()
         return out
 
@@ -254,7 +288,8 @@ def train_loop(config: dict) -> None:
             g["lr"] = lr
         max_chunks = curriculum_chunks(step, cfg.max_chunks, cfg.ramp_steps)
         examples = [make_example(train_pool, _step_rng(cfg, step, rank, row), cfg.pool_size, max_chunks,
-                                 cfg.spread_fraction, cfg.oracle_fraction, ((step * world) + rank) * cfg.batch + row)
+                                 cfg.spread_fraction, cfg.oracle_fraction, ((step * world) + rank) * cfg.batch + row,
+                                 prose, cfg.prose_fraction)
                     for row in range(cfg.batch)]
         r = answer_step(decoder, rt.tokenizer, end_id, examples)
         opt.zero_grad(set_to_none=True)
@@ -265,7 +300,7 @@ def train_loop(config: dict) -> None:
                 p.grad /= world
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-        window["loss"] += float(r.loss.detach()) * r.tokens
+        window["loss"] += float(r.loss.detach()) * len(examples)
         window["tokens"] += r.tokens
         window["correct"] += r.correct_tokens
         window["exact"] += r.exact
@@ -274,7 +309,7 @@ def train_loop(config: dict) -> None:
         metrics = {}
         if done % cfg.log_every == 0 or done == last:
             dt = time.perf_counter() - window["t"]
-            metrics = {"step": done, "loss": window["loss"] / window["tokens"],
+            metrics = {"step": done, "loss": window["loss"] / window["rows"],
                        "token_acc": window["correct"] / window["tokens"], "exact": window["exact"] / window["rows"],
                        "lr": lr, "max_chunks": max_chunks, "s_per_step": dt / max(1, window["rows"] / cfg.batch),
                        "chunks_built": train_pool.built}
@@ -330,10 +365,15 @@ def run(cfg: TrainConfig, address: str | None = None) -> Path:
                              "use a new --out")
     else:
         recipe_path.write_text(json.dumps(cfg.recipe(), indent=1, sort_keys=True))
+    # Workers run in Ray's own working directory: relative paths are the caller's.
+    local = {name: str(Path(getattr(cfg, name)).resolve()) for name in ("model", "init_adapter", "pool_dir")
+             if getattr(cfg, name)}
+    if cfg.init_adapter and not (Path(local["init_adapter"]) / "adapter.json").is_file():
+        raise ValueError(f"--init-adapter {cfg.init_adapter}: not an adapter directory (no adapter.json)")
     init_ray(address, dashboard=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dataclasses.asdict(cfg),
+        train_loop_config=dataclasses.asdict(dataclasses.replace(cfg, **local)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="train", storage_path=str(out / "ray"),

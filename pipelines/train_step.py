@@ -20,9 +20,10 @@ from ctxtree.prompt import question_prompt, question_tokens
 from kernels.compressor import query_vector, route_query
 from kernels.generate import left_pad
 from kernels.inject import InjectionDecoder, batch_context
-from kernels.tree import ContextTree, node_spans, search
+from kernels.tree import ContextTree, node_spans, search_documents
 from pipelines.chunk_pool import ChunkPool, assemble
 from pipelines.data import pair_question
+from pipelines.prose import ProseExample
 
 
 @dataclass
@@ -37,7 +38,7 @@ class Example:
 
 @dataclass
 class StepResult:
-    loss: Tensor               # mean over answer tokens (has grad)
+    loss: Tensor               # mean over examples of the mean over their answer tokens (has grad)
     tokens: int
     correct_tokens: int        # teacher-forced argmax hits
     exact: int                 # rows whose every answer token is the argmax
@@ -51,14 +52,20 @@ def curriculum_chunks(step: int, max_chunks: int, ramp_steps: int) -> int:
 
 
 def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks: int,
-                 spread_fraction: float, oracle_fraction: float = 0.0, serial: int = 0) -> Example:
+                 spread_fraction: float, oracle_fraction: float = 0.0, serial: int = 0,
+                 prose: list[ProseExample] | None = None, prose_fraction: float = 0.0) -> Example:
     """A training question: a needle chunk among haystack chunks, one of its facts asked; or
-    (spread) two documents with a needle chunk each and both facts asked at once.
+    (spread) two documents with a needle chunk each and both facts asked at once; or
+    (prose_fraction of them) a question about one passage with the base model's own answer.
 
     pool_size 0 means fresh needles: example number `serial` asks fact serial % F of needle
     chunk serial // F (F facts per chunk), so no fact is ever asked twice and nothing can
     be learnt by heart (a small pool is memorised within a few hundred steps)."""
     n_hay = pool.n_haystack_chunks
+    if prose and prose_fraction > 0 and rng.random() < prose_fraction:
+        # one-chunk documents: the answer is about this passage, so search must keep it
+        p = prose[rng.randrange(len(prose))]
+        return Example(trees=[pool.haystack_chunk(p.chunk)], question=p.question, target=p.answer)
 
     def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
         chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]
@@ -88,7 +95,8 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
 
 def route_to(selection: Tensor, tree: ContextTree, chunk: int, offset: int) -> Tensor:
     """`selection` [C, h+1] with chunk `chunk`'s path replaced by the one that descends to
-    token `offset`: the answer then sits in a finest-level node (oracle routing)."""
+    token `offset`: the answer then sits in a finest-level node (oracle routing), and the
+    chunk is injected even where chunk selection left it out."""
     spans = node_spans(tree.chunk_lengths[chunk], tree.config.height)
     node, path = 0, []
     for _ in range(1, tree.config.height):
@@ -104,7 +112,8 @@ def route_to(selection: Tensor, tree: ContextTree, chunk: int, offset: int) -> T
 
 def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: list[Example],
                 policy: str = "query") -> StepResult:
-    """Teacher-forced loss on the answer tokens of a batch of examples."""
+    """Teacher-forced loss on the answer tokens of a batch of examples, searched as at
+    serving time (decoder.top_chunks chunks kept)."""
     model = decoder.base
     rows, query_at, n_answer = [], [], []
     for ex in examples:
@@ -123,7 +132,7 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
     per_request = []
     for row, ex in enumerate(examples):
         route = route_query(model, queries[row], question_tokens(tokenizer, ex.question))
-        selections = [search(tree, route, policy) for tree in ex.trees]
+        selections = search_documents(ex.trees, route, policy, decoder.top_chunks)
         if ex.oracle and ex.answer_at:
             selections = [sel if at is None else route_to(sel, tree, *at)
                           for sel, tree, at in zip(selections, ex.trees, ex.answer_at)]
@@ -141,7 +150,10 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
     pred_pos = torch.cat([torch.arange(t - n - 1, t - 1) for n in n_answer])
     labels = batch.input_ids[rows_idx, pred_pos + 1]
     logits = model.lm_head(model.norm(h[rows_idx, pred_pos])).float()  # [N,V]
-    loss = F.cross_entropy(logits, labels)
+    # every example weighs the same, however long its answer: a 40-token prose answer
+    # must not outweigh ten 4-token values
+    per_token = F.cross_entropy(logits, labels, reduction="none")  # [N]
+    loss = torch.stack([t.mean() for t in torch.split(per_token, n_answer)]).mean()
     hits = (logits.argmax(-1) == labels).cpu()
     per_row = torch.split(hits, n_answer)
     return StepResult(loss=loss, tokens=len(labels), correct_tokens=int(hits.sum()),

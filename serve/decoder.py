@@ -44,6 +44,7 @@ class ServeArgs(BaseModel):
     store: str
     model: str | None = None
     adapter: str | None = None
+    top_chunks: int | None = Field(default=None, ge=0)  # None: as the adapter was trained
     layers: int = TreeConfig.n_layers
     chunk_len: int = TreeConfig.chunk_len
     height: int = TreeConfig.height
@@ -59,7 +60,7 @@ class ServeArgs(BaseModel):
 
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(
-            store=self.store, model=self.model, adapter=self.adapter,
+            store=self.store, model=self.model, adapter=self.adapter, top_chunks=self.top_chunks,
             tree=TreeConfig(n_layers=self.layers, chunk_len=self.chunk_len, height=self.height, keep=self.keep,
                             codec=self.codec, dtype=self.dtype),
             cache_bytes=int(self.cache_mb * 2 ** 20), max_documents=self.max_documents,

@@ -22,7 +22,7 @@ import torch
 from kernels.compressor import query_vector, route_query
 from kernels.generate import SamplingConfig, generate, left_pad
 from kernels.inject import InjectionDecoder, batch_context
-from kernels.tree import ContextTree, search
+from kernels.tree import ContextTree, search_documents
 
 _DONE = object()
 
@@ -119,7 +119,7 @@ class BatchingEngine:
             contexts = []
             for row, r in enumerate(requests):
                 route = route_query(model, q[row], r.question_ids)
-                r.selections = [search(tree, route, r.policy) for tree in r.trees]
+                r.selections = search_documents(r.trees, route, r.policy, self.decoder.top_chunks)
                 contexts.append(self.decoder.request_kv(r.trees, r.selections))
             gens = [torch.Generator().manual_seed(r.seed) for r in requests]
             finished = [False] * len(batch)

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
     from serve.decoder import Decoder, ServeArgs
     from serve.ingress import Ingress
 
-    app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, layers=args.layers,
+    app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, top_chunks=args.top_chunks,
+                         layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
                          dtype=args.dtype, cache_mb=args.cache_mb, max_batch=args.max_batch)
     init_ray(args.address)

@@ -32,6 +32,7 @@ class ServiceConfig:
     store: str
     model: str | None = None
     adapter: str | None = None
+    top_chunks: int | None = None   # chunks injected per request; None: as the adapter was trained
     tree: TreeConfig = field(default_factory=TreeConfig)
     cache_bytes: int = 1 << 30
     max_documents: int = 16
@@ -53,7 +54,7 @@ class AnswerEnd:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float]
-    selections: list[list[list[int]]]   # per document, per chunk: heap indices of injected nodes
+    selections: list[list[list[int]]]   # per document, per chunk: heap indices of injected nodes (all 0: none)
     replica: str = "local"              # which decoder replica answered (set by the Serve deployment)
 
 
@@ -61,7 +62,8 @@ class DecoderService:
     def __init__(self, config: ServiceConfig, runtime: Runtime | None = None):
         self.config = config
         self.rt = runtime or load_runtime(Path(config.model) if config.model else None, config.tree,
-                                          Path(config.adapter) if config.adapter else None)
+                                          Path(config.adapter) if config.adapter else None,
+                                          top_chunks=config.top_chunks)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
         self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms)

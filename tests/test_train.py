@@ -136,7 +136,8 @@ def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
             "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",
             "--layers", "2", "--chunk-len", "128", "--keep", "8", "--pool-size", "6", "--digits", "1-2",
             "--max-chunks", "2", "--ramp-steps", "10", "--eval-every", "50", "--eval-chunks", "1",
-            "--checkpoint-every", "5", "--log-every", "5", "--threads", "1"]
+            "--checkpoint-every", "5", "--log-every", "5", "--prose-examples", "8", "--top-chunks", "1",
+            "--threads", "1"]
 
 
 def env() -> dict:
@@ -182,6 +183,10 @@ def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_
     adapter = out / "adapter"
     meta = json.loads((adapter / "adapter.json").read_text())
     assert meta["trained_steps"] == STEPS and meta["n_layers"] == 2 and meta["base_weights_digest"]
+    assert meta["top_chunks"] == 1  # served with the chunk selection it was trained with
+    # prose examples (the base model's own answers) were made once and their loss is tracked
+    assert len(list(pool.rglob("prose-train-*.json"))) == 1
+    assert all("eval_prose_loss" in r for r in rows if "eval_search_loss" in r)
     # checkpoints are safetensors + JSON only: nothing to unpickle
     assert {p.suffix for p in (out / "checkpoints").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
 

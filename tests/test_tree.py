@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kernels.compressor import compress_nodes
-from kernels.tree import (ContextTree, TreeConfig, build_tree, chunk_bounds, gather_nodes, keep_per_node,
-                          kept_positions, node_spans, RouteQuery, search, token_match_scores)
+from kernels.tree import (NOT_INJECTED, ContextTree, RouteQuery, TreeConfig, build_tree, chunk_bounds, gather_nodes,
+                          keep_per_node, kept_positions, node_spans, search, search_documents, slice_tree,
+                          token_match_scores)
 from kernels.compressor import route_query
 
 
@@ -169,3 +170,56 @@ def test_query_search_descends_to_the_node_holding_the_questions_words(tiny_mode
     # every question token occurs in node 12: each contributes its best cosine, 1
     assert scores[1, 11].item() == pytest.approx(len(words), abs=1e-4)
     assert scores[0].max().item() < len(words) - 0.1   # chunk 0 holds none of them
+
+
+def test_search_documents_keeps_the_best_matching_chunks_and_one_per_document(tiny_model):
+    # Document A: 4 chunks, the question's words in chunk 2, half of them in chunk 0.
+    # Document B: 2 chunks, none of the words. top_chunks 2: A's chunk 2 and B's best
+    # (every document keeps one), not A's chunk 0, though it matches better than B's.
+    cfg = TreeConfig(n_layers=2, chunk_len=64, height=3, keep=8, codec="fp32")
+    g = torch.Generator().manual_seed(4)
+    words = [71, 88, 93, 64]
+    a = torch.randint(3, 60, (256,), generator=g)
+    a[2 * 64 + 10:2 * 64 + 14] = torch.tensor(words)
+    a[0 * 64 + 40:0 * 64 + 42] = torch.tensor(words[:2])
+    b = torch.randint(3, 60, (128,), generator=g)
+    trees = [build_tree(tiny_model, a, cfg), build_tree(tiny_model, b, cfg)]
+    route = route_query(tiny_model, torch.zeros(tiny_model.cfg.hidden_size), words)
+
+    every = search_documents(trees, route, "query", top_chunks=0)
+    assert all((s != NOT_INJECTED).all() for s in every)
+    assert torch.equal(every[0], search(trees[0], route, "query"))
+
+    two = search_documents(trees, route, "query", top_chunks=2)
+    injected = [[c for c in range(t.n_chunks) if (s[c] != NOT_INJECTED).any()] for t, s in zip(trees, two)]
+    assert injected[0] == [2] and len(injected[1]) == 1
+    assert torch.equal(two[0][2], every[0][2])          # a kept chunk keeps its path
+    three = search_documents(trees, route, "query", top_chunks=3)
+    assert [c for c in range(4) if three[0][c].any()] == [0, 2]   # the next best overall is A's chunk 0
+    # "right" does not read the question: it keeps every chunk whatever top_chunks says
+    assert all((s != NOT_INJECTED).all() for s in search_documents(trees, route, "right", top_chunks=1))
+    with pytest.raises(ValueError, match="top_chunks"):
+        search_documents(trees, route, "query", top_chunks=-1)
+
+
+def test_left_out_chunks_are_skipped_and_the_rest_renumbered(tiny_model):
+    # Injecting chunks 1 and 3 of a tree must give exactly the K/V (RoPE included) of a
+    # two-chunk tree made of those chunks: what the decoder reads does not depend on
+    # how many chunks the document had.
+    from kernels.inject import InjectionDecoder
+    from pipelines.chunk_pool import assemble
+
+    cfg = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
+    tokens = torch.randint(3, 97, (128,), generator=torch.Generator().manual_seed(5))
+    tree = build_tree(tiny_model, tokens, cfg)
+    route = route_query(tiny_model, torch.zeros(tiny_model.cfg.hidden_size), [5, 6, 7])
+    full = search(tree, route, "query")
+    sel = full.clone()
+    sel[[0, 2]] = NOT_INJECTED
+    k, v, chunk_index = gather_nodes(tree, sel)
+    assert sorted(set(chunk_index.tolist())) == [1, 3]
+    small = assemble([slice_tree(tree, 1, 2), slice_tree(tree, 3, 4)])
+    dec = InjectionDecoder(tiny_model, 2)
+    got = dec.request_kv([tree], [sel])
+    want = dec.request_kv([small], [full[[1, 3]]])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
