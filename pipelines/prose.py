@@ -3,7 +3,9 @@ model itself gives when the passage is in its prompt (self-distillation).
 
 Why: trained on needle lookups alone, the decoder answers every question with a number
 ("Who may copy this license?" -> "207"). Mixed with these, it keeps answering questions
-about a passage in prose, as the base model would with the passage in front of it.
+about a passage in prose, as the base model would with the passage in front of it. Some
+passages are needle chunks (text with facts and numbers in it): without them the decoder
+learns "a number in the injected nodes -> say the number", whatever the question.
 
 Half of the questions are fixed templates, half are written by the base model about the
 passage ("write one question this text answers"), so they name the passage's own words
@@ -41,9 +43,10 @@ ASK_PROMPT = "Text:\n{context}\n\nWrite one short question that this text answer
 
 @dataclass(frozen=True)
 class ProseExample:
-    chunk: int          # the passage: index of a haystack chunk
+    chunk: int          # the passage: index of a haystack chunk, or of a needle chunk if needle
     question: str
     answer: str
+    needle: bool = False
 
 
 def _chat(tokenizer, content: str) -> list[int]:
@@ -123,6 +126,14 @@ def load_or_make(path: Path, make) -> list[ProseExample]:
     examples = make()
     _atomic_write(path, json.dumps([asdict(e) for e in examples], indent=1).encode())
     return examples
+
+
+PROSE_NEEDLES = 10 ** 7  # needle chunk indices of prose passages start here (lookups use 0, 1, ...)
+
+
+def prose_tree(pool, example: ProseExample):
+    """The passage's compressed chunk (pool: a pipelines.chunk_pool.ChunkPool)."""
+    return pool.needle_chunk(example.chunk)[0] if example.needle else pool.haystack_chunk(example.chunk)
 
 
 def prose_chunks(count: int, n_chunks: int, seed: int) -> list[int]:

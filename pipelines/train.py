@@ -45,10 +45,10 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 1000                     # length of the learning-rate schedule
+    steps: int = 2000                     # length of the learning-rate schedule
     stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
     warmup: int = 20
     weight_decay: float = 0.0
@@ -64,12 +64,13 @@ class TrainConfig:
     haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
     digits: tuple[int, int] = (3, 6)
     max_chunks: int = 32                  # context chunks per document at the end of the curriculum
-    ramp_steps: int = 0                   # steps from 1 chunk per document to max_chunks
+    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
-    top_chunks: int = 2                   # chunks search injects per question (0 = all); saved with the adapter
-    prose_fraction: float = 0.2           # examples that are prose questions answered by the base model
+    top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
+    prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 256             # passages those are drawn from (generated once, cached)
+    prose_needles: float = 0.5            # share of those passages that are needle chunks (facts, numbers)
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
@@ -97,8 +98,8 @@ class TrainConfig:
                              "spread_fraction 0")
         if self.top_chunks < 0:
             raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {self.top_chunks}")
-        if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1:
-            raise ValueError("prose_fraction must be within [0, 1), prose_examples >= 1")
+        if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1 or not 0 <= self.prose_needles <= 1:
+            raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
@@ -171,7 +172,7 @@ def train_loop(config: dict) -> None:
     from kernels.inject import InjectionDecoder, load_adapter
     from pipelines.chunk_pool import ChunkCache, ChunkPool
     from pipelines.data import load_haystack
-    from pipelines.prose import load_or_make, make_prose_examples, prose_chunks
+    from pipelines.prose import PROSE_NEEDLES, load_or_make, make_prose_examples, prose_chunks, prose_tree
     from pipelines.train_step import Example, answer_step, curriculum_chunks, load_optimizer, make_example
 
     cfg = TrainConfig(**{**config, "digits": tuple(config["digits"])})
@@ -222,13 +223,25 @@ def train_loop(config: dict) -> None:
         base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no context: the base model
 
         def prose_set(pool: ChunkPool, count: int) -> list:
-            picked = prose_chunks(count, pool.n_haystack_chunks, cfg.seed)
+            n_needles = round(count * cfg.prose_needles)
+            picked = prose_chunks(count - n_needles, pool.n_haystack_chunks, cfg.seed)
+            # needle chunks of their own (an index range lookups never reach)
+            needles = [PROSE_NEEDLES + k for k in range(n_needles)]
             L = cfg.chunk_len
-            path = chunks.dir / f"prose-{pool.haystack.split}-{cfg.seed}-{count}-{pool.n_haystack_chunks}.json"
+            name = f"prose-{pool.haystack.split}-{cfg.seed}-{count}-{pool.n_haystack_chunks}"
+            path = chunks.dir / (name + (f"-needles{n_needles}" if n_needles else "") + ".json")
             t0 = time.perf_counter()
-            made = load_or_make(path, lambda: make_prose_examples(
-                base_only, rt.tokenizer, rt.stop_ids, picked,
-                [pool.haystack.tokens[i * L:(i + 1) * L] for i in picked], pool.haystack.split, cfg.seed))
+
+            def make() -> list:
+                plain = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, picked,
+                                            [pool.haystack.tokens[i * L:(i + 1) * L] for i in picked],
+                                            pool.haystack.split, cfg.seed)
+                with_facts = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, needles,
+                                                 [pool.needle_chunk(i)[0].tokens.tolist() for i in needles],
+                                                 pool.haystack.split, cfg.seed + 1)
+                return plain + [dataclasses.replace(e, needle=True) for e in with_facts]
+
+            made = load_or_make(path, make)
             if rank == 0:
                 print(f"[train] {len(made)} {pool.haystack.split} prose examples ({path.name}, "
                       f"{time.perf_counter() - t0:.0f} s)", flush=True)
@@ -263,7 +276,7 @@ def train_loop(config: dict) -> None:
                         f"eval_{mode}_token_acc": tot["correct"] / tot["tokens"],
                         f"eval_{mode}_exact": tot["exact"] / len(examples)})
         if eval_prose:  # does it still answer in prose? (the base model's answers, teacher-forced)
-            examples = [Example(trees=[eval_pool.haystack_chunk(p.chunk)], question=p.question, target=p.answer)
+            examples = [Example(trees=[prose_tree(eval_pool, p)], question=p.question, target=p.answer)
                         for p in eval_prose]
             with torch.no_grad():
                 r = answer_step(decoder, rt.tokenizer, end_id, examples)

@@ -23,7 +23,7 @@ from kernels.inject import InjectionDecoder, batch_context
 from kernels.tree import ContextTree, node_spans, search_documents
 from pipelines.chunk_pool import ChunkPool, assemble
 from pipelines.data import pair_question
-from pipelines.prose import ProseExample
+from pipelines.prose import ProseExample, prose_tree
 
 
 @dataclass
@@ -65,7 +65,7 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
     if prose and prose_fraction > 0 and rng.random() < prose_fraction:
         # one-chunk documents: the answer is about this passage, so search must keep it
         p = prose[rng.randrange(len(prose))]
-        return Example(trees=[pool.haystack_chunk(p.chunk)], question=p.question, target=p.answer)
+        return Example(trees=[prose_tree(pool, p)], question=p.question, target=p.answer)
 
     def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
         chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]

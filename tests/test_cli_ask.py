@@ -20,12 +20,17 @@ def ctxtree(*args, timeout=600):
                           timeout=timeout)
 
 
+def answer_of(stdout: str) -> str:
+    return stdout.split("A: ", 1)[1].split("\ntimings:", 1)[0].strip()
+
+
 def test_ask_answers_about_a_real_document(smollm_dir):
+    # the default decoder: the shipped adapter, a lookup specialist (README, docs/quality.md);
+    # its quality is measured by tests/test_quality.py, here the command's output is
     res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "Who may copy and distribute this license?",
                   "--max-tokens", "24")
     assert res.returncode == 0, res.stderr
-    answer = res.stdout.split("A: ", 1)[1].split("\ntimings:", 1)[0].strip()
-    assert len(answer.split()) >= 3, res.stdout
+    assert answer_of(res.stdout), res.stdout
     assert "time to first token" in res.stdout and "tokens/s" in res.stdout
     built = re.search(r"tree build: GPL-3.txt: (\d+) tokens, (\d+) chunks", res.stderr)
     assert built, res.stderr
@@ -52,3 +57,13 @@ def test_ask_reports_bad_input_clearly(tmp_path):
     assert res.returncode == 2 and "document is empty" in res.stderr
     res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "x", "--keep", "0")
     assert res.returncode == 2 and "keep (p) must be >= 1" in res.stderr
+
+
+def test_ask_without_the_adapter_answers_in_prose(smollm_dir):
+    # `--adapter none` is the base model (what README suggests for questions that are not
+    # lookups): it answers in sentences, and the report shows every chunk searched
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "Who may copy and distribute this license?",
+                  "--max-tokens", "24", "--adapter", "none")
+    assert res.returncode == 0, res.stderr
+    assert len(answer_of(res.stdout).split()) >= 3, res.stdout
+    assert "chunks not injected" not in res.stdout

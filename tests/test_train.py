@@ -136,7 +136,7 @@ def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
             "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",
             "--layers", "2", "--chunk-len", "128", "--keep", "8", "--pool-size", "6", "--digits", "1-2",
             "--max-chunks", "2", "--ramp-steps", "10", "--eval-every", "50", "--eval-chunks", "1",
-            "--checkpoint-every", "5", "--log-every", "5", "--prose-examples", "8", "--top-chunks", "1",
+            "--checkpoint-every", "5", "--log-every", "5", "--prose-fraction", "0.3", "--prose-examples", "8", "--top-chunks", "1",
             "--threads", "1"]
 
 

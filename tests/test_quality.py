@@ -1,0 +1,43 @@
+"""The shipped adapter answers held-out needle questions over 4K-token documents; the
+zero-initialised decoder (the base model, blind to the trees) does not.
+
+Held-out means haystack text, needle templates and question phrasings never used in
+training (pipelines/data.py). Seed 5 is not a seed any training run or the quality
+benchmark (seed 0) uses. bench/quality.py measures the whole curve; this is the
+regression guard that runs on every change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ctxtree.answer import answer_question
+from ctxtree.runtime import load_runtime
+from kernels.generate import SamplingConfig
+from kernels.inject import InjectionDecoder
+from kernels.tree import build_tree
+from pipelines.data import is_correct, load_haystack, make_sample
+
+QUESTIONS = 10
+LENGTH = 4096
+
+
+def test_shipped_adapter_answers_held_out_questions_at_4k(smollm_dir):
+    rt = load_runtime()
+    assert rt.adapter_dir is not None, "no adapter ships for the default model"
+    haystack = load_haystack(rt.tokenizer, "heldout")
+    zero = replace(rt, decoder=InjectionDecoder(rt.model, rt.tree_config.n_layers).eval())
+    sampling = SamplingConfig(max_tokens=16)
+    right, right_zero, answers = 0, 0, []
+    for i in range(QUESTIONS):
+        s = make_sample(rt.tokenizer, haystack, i, LENGTH, "single", seed=5, align=rt.tree_config.chunk_len)
+        assert sum(len(d) for d in s.documents) == LENGTH
+        trees = [build_tree(rt.model, torch.tensor(d), rt.tree_config) for d in s.documents]
+        answer = answer_question(rt, trees, s.question, sampling)
+        right += is_correct(answer.text, s)
+        right_zero += is_correct(answer_question(zero, trees, s.question, sampling).text, s)
+        answers.append((s.question, s.answers, answer.text))
+    assert right >= 8, answers
+    assert right_zero <= 2
