@@ -36,6 +36,7 @@ import torch
 
 from ctxtree.answer import answer_question
 from ctxtree.cli_args import add_model_args, tree_config
+from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 from ctxtree.runtime import cache_dir, load_runtime
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder, load_adapter
@@ -47,7 +48,6 @@ REPO = Path(__file__).resolve().parent.parent
 METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25")
 INJECTED = ("query", "vector", "right", "norope")  # methods that need trained injection weights
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
-PROMPT = "Read the text and answer the question.\n\nText:\n{context}\n\nQuestion: {question}"
 
 
 # ---- BM25 over passages (the retrieval baseline) -------------------------------------
@@ -88,10 +88,7 @@ def bm25_top(question: str, docs: list[str], k: int, k1: float = 1.5, b: float =
 # ---- the methods ------------------------------------------------------------------------
 
 def base_answer(rt, decoder: InjectionDecoder, context: str, question: str, sampling: SamplingConfig) -> str:
-    text = rt.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT.format(context=context,
-                                                                                          question=question)}],
-                                            tokenize=False, add_generation_prompt=True)
-    prompt = rt.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = chat_ids(rt.tokenizer, TEXT_QUESTION_PROMPT.format(context=context, question=question))
     tokens = []
     for step in generate(decoder, [prompt], None, sampling, rt.stop_ids, [torch.Generator().manual_seed(0)]):
         if step[0] is None or step[0] in rt.stop_ids:
@@ -116,7 +113,7 @@ def injected_level(tree, selection: torch.Tensor, position: int) -> int:
 def base_context(rt, documents: list[list[int]], question: str, max_tokens: int) -> str:
     """The documents as they fit the base model's window: whole where they fit, else each
     cut to an equal share (the head of each document is kept, as users truncate)."""
-    overhead = len(rt.tokenizer(PROMPT.format(context="", question=question))["input_ids"]) + 64
+    overhead = len(rt.tokenizer(TEXT_QUESTION_PROMPT.format(context="", question=question))["input_ids"]) + 64
     window = rt.model.cfg.max_position_embeddings - overhead - max_tokens
     per_document = max(0, window // len(documents))
     return "\n\n".join(rt.tokenizer.decode(d[:per_document]) for d in documents)

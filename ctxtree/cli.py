@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kernels.generate import SamplingConfig
 from ctxtree.cli_args import add_model_args, tree_config
-from kernels.tree import POLICIES, build_tree, node_spans
+from kernels.tree import POLICIES, build_tree, injected_chunks, node_spans
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -51,7 +51,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
           f"{tm['tokens']} tokens at {tm['decode_tokens_per_s']:.1f} tokens/s, total {tm['total_ms']:.0f} ms")
     print(f"search (policy {args.policy}): nodes chosen per chunk, as token ranges in the document")
     for doc, tree, sel in zip(args.doc, trees, ans.selections):
-        injected = [c for c in range(tree.n_chunks) if sel[c].any()]
+        injected = injected_chunks(sel).tolist()
         for c in injected[:args.show_chunks]:
             base = sum(tree.chunk_lengths[:c])
             spans = node_spans(tree.chunk_lengths[c], tree.config.height)

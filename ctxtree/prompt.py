@@ -7,17 +7,30 @@ question and would make search blind to it.
 
 from __future__ import annotations
 
+# The base model given a text in its prompt (the quality benchmark's baselines, and the
+# prose answers training distils from the base model)
+TEXT_QUESTION_PROMPT = "Read the text and answer the question.\n\nText:\n{context}\n\nQuestion: {question}"
+
+
+def chat_text(tokenizer, content: str) -> str:
+    """One user turn in the model's chat template, ready for the assistant's answer
+    (the content and a newline for a model without a template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                             tokenize=False, add_generation_prompt=True)
+    return content + "\n"
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    return list(tokenizer(chat_text(tokenizer, content), add_special_tokens=False)["input_ids"])
+
 
 def question_prompt(tokenizer, question: str) -> tuple[list[int], int]:
     """(prompt token ids, index of the question's last token in them)."""
     question = question.strip()
     if not question:
         raise ValueError("the question is empty")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                             tokenize=False, add_generation_prompt=True)
-    else:
-        text = question + "\n"
+    text = chat_text(tokenizer, question)
     found = text.rfind(question)
     if found < 0:
         raise ValueError("the chat template rewrote the question; cannot locate its last token for search")

@@ -367,13 +367,18 @@ def search_documents(trees: list[ContextTree], query: RouteQuery, policy: str = 
     return [sel.masked_fill(~k[:, None], NOT_INJECTED) for sel, k in zip(selections, keep)]
 
 
+def injected_chunks(selected: Tensor) -> Tensor:
+    """[C'] the chunks a selection [C, k] injects (rows other than NOT_INJECTED), in order."""
+    return torch.nonzero((selected != NOT_INJECTED).any(dim=1)).flatten()
+
+
 def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """K, V [M, Hkv, S, Dh] and chunk index [S] (relative to the tree) of the selected nodes.
 
     selected: heap indices [C, k] as returned by search(); rows of NOT_INJECTED are skipped.
     """
     n = tree.config.n_nodes
-    chunks = torch.nonzero((selected != NOT_INJECTED).any(dim=1)).flatten()  # [C'] injected chunks
+    chunks = injected_chunks(selected)  # [C']
     selected = selected[chunks]
     flat = (chunks[:, None] * n + selected - 1).reshape(-1)  # stored-node ids
     starts, ends = tree.node_offsets[flat], tree.node_offsets[flat + 1]

@@ -21,6 +21,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 from kernels.generate import SamplingConfig, generate
 from kernels.inject import InjectionDecoder
 
@@ -37,7 +38,6 @@ TEMPLATES = {
         "Sum up the passage in a sentence.", "Who is the text about?",
     ),
 }
-ANSWER_PROMPT = "Read the text and answer the question.\n\nText:\n{context}\n\nQuestion: {question}"
 ASK_PROMPT = "Text:\n{context}\n\nWrite one short question that this text answers. Reply with the question only."
 
 
@@ -47,16 +47,6 @@ class ProseExample:
     question: str
     answer: str
     needle: bool = False
-
-
-def _chat(tokenizer, content: str) -> list[int]:
-    """The prompt as ctxtree.prompt.question_prompt would frame it."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = content + "\n"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _greedy(decoder: InjectionDecoder, tokenizer, stop_ids: tuple[int, ...], prompts: list[list[int]],
@@ -88,12 +78,12 @@ def _whole_sentences(text: str) -> str:
 def make_prose_examples(decoder: InjectionDecoder, tokenizer, stop_ids: tuple[int, ...], chunks: list[int],
                         passages: list[list[int]], split: str, seed: int, max_tokens: int = 48,
                         batch: int = 8) -> list[ProseExample]:
-    """One example per passage (passages[i]: the token ids of haystack chunk chunks[i]).
+    """One example per passage (passages[i]: the token ids of chunk chunks[i], haystack or needle).
     The decoder runs without context, i.e. as the base model."""
     rng = random.Random(f"prose:{split}:{seed}")
     texts = [tokenizer.decode(p) for p in passages]
     own = [i % 2 == 1 for i in range(len(passages))]  # every other passage: a model-written question
-    asked = _greedy(decoder, tokenizer, stop_ids, [_chat(tokenizer, ASK_PROMPT.format(context=texts[i]))
+    asked = _greedy(decoder, tokenizer, stop_ids, [chat_ids(tokenizer, ASK_PROMPT.format(context=texts[i]))
                                                      for i in range(len(texts)) if own[i]], 24, batch)
     written = iter(asked)
     questions = []
@@ -104,7 +94,7 @@ def make_prose_examples(decoder: InjectionDecoder, tokenizer, stop_ids: tuple[in
             q = text.split("?")[0].strip().strip('"') + "?" if "?" in text else ""
         questions.append(q if len(q.split()) >= 3 else rng.choice(TEMPLATES[split]))
     answers = _greedy(decoder, tokenizer, stop_ids,
-                      [_chat(tokenizer, ANSWER_PROMPT.format(context=t, question=q)) for t, q in zip(texts, questions)],
+                      [chat_ids(tokenizer, TEXT_QUESTION_PROMPT.format(context=t, question=q)) for t, q in zip(texts, questions)],
                       max_tokens, batch)
     examples = []
     for i, (q, (a, stopped)) in enumerate(zip(questions, answers)):
