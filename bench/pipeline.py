@@ -22,11 +22,11 @@ import torch
 
 from ctxtree.runtime import load_runtime
 from ctxtree.store import TreeStore
-from kernels.tree import TreeConfig
-from pipelines.compress import JobConfig, run_job
-from pipelines.document import CompressSettings, compress_document
-from pipelines.ray_compat import PoolSettings
-from pipelines.sources import SourceSpec
+from ctxtree.kernels.tree import TreeConfig
+from ctxtree.pipelines.compress import JobConfig, run_job
+from ctxtree.pipelines.document import CompressSettings, compress_document
+from ctxtree.pipelines.ray_compat import PoolSettings
+from ctxtree.pipelines.sources import SourceSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Answer quality against document length, on held-out questions (pipelines/data.py).
+"""Answer quality against document length, on held-out questions (ctxtree/pipelines/data.py).
 
     python -m bench.quality [--questions 13] [--lengths 1024 ... 65536] [--out bench/results/quality.json]
                             [--plot docs/quality.png] [--adapter DIR] [--methods query right ...]
@@ -38,11 +38,11 @@ from ctxtree.answer import answer_question
 from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 from ctxtree.runtime import cache_dir, load_runtime
-from kernels.generate import SamplingConfig, generate
-from kernels.inject import InjectionDecoder, load_adapter
-from kernels.tree import NOT_INJECTED, node_spans
-from pipelines.chunk_pool import ChunkCache
-from pipelines.data import KINDS, is_correct, load_haystack, make_sample
+from ctxtree.kernels.generate import SamplingConfig, generate
+from ctxtree.kernels.inject import InjectionDecoder, load_adapter
+from ctxtree.kernels.tree import NOT_INJECTED, node_spans
+from ctxtree.pipelines.chunk_pool import ChunkCache
+from ctxtree.pipelines.data import KINDS, is_correct, load_haystack, make_sample
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25")

@@ -2,13 +2,13 @@
 
     python -m bench.routing [--questions 20] [--lengths 1024 4096 16384] [--out bench/results/routing.json]
 
-For each held-out sample (pipelines/data.py, the same stream as bench/quality.py) and
+For each held-out sample (ctxtree/pipelines/data.py, the same stream as bench/quality.py) and
 each search policy, the tree level of the injected node holding each asked value:
 level h (the finest: every position kept at the default L = 256, p = 32; every 4th at
 L = 1024) is where a value can be read back; levels 1..h-1 keep fewer; 0 would mean not
 injected (never happens: every chunk injects a cover of itself). Policies:
 
-- `query`:  token match (kernels/tree.py token_match_scores, this project's search);
+- `query`:  token match (ctxtree/kernels/tree.py token_match_scores, this project's search);
 - `vector`: the method's routing vector, cos(final_norm(h0[last])) (method.md §4);
 - `right`:  always the right child (the paper's language-modelling rule).
 
@@ -31,11 +31,11 @@ from bench.quality import injected_level
 from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
-from kernels.compressor import query_vector, route_query
-from kernels.generate import left_pad
-from kernels.tree import POLICIES, search
-from pipelines.chunk_pool import ChunkCache
-from pipelines.data import KINDS, load_haystack, make_sample
+from ctxtree.kernels.compressor import query_vector, route_query
+from ctxtree.kernels.generate import left_pad
+from ctxtree.kernels.tree import POLICIES, search
+from ctxtree.pipelines.chunk_pool import ChunkCache
+from ctxtree.pipelines.data import KINDS, load_haystack, make_sample
 
 REPO = Path(__file__).resolve().parent.parent
 

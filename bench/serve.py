@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx2
 
-from serve.launch import ServeProcess
+from ctxtree.serve.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = ["samples/corpus/license-GPL-3.txt", "samples/corpus/license-Apache-2.0.txt",

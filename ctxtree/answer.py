@@ -15,10 +15,10 @@ import torch
 from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime
-from kernels.compressor import query_vector, route_query
-from kernels.generate import SamplingConfig, generate, left_pad
-from kernels.inject import batch_context
-from kernels.tree import ContextTree, search_documents
+from ctxtree.kernels.compressor import query_vector, route_query
+from ctxtree.kernels.generate import SamplingConfig, generate, left_pad
+from ctxtree.kernels.inject import batch_context
+from ctxtree.kernels.tree import ContextTree, search_documents
 
 
 @dataclass

@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from kernels.generate import SamplingConfig
+from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.cli_args import add_model_args, tree_config
-from kernels.tree import POLICIES, build_tree, injected_chunks, node_spans
+from ctxtree.kernels.tree import POLICIES, build_tree, injected_chunks, node_spans
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -70,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compress"]:
         # The Ray job has its own parser; importing it (and Ray) only when asked keeps `ask` fast.
-        from pipelines.compress import main as compress_main
+        from ctxtree.pipelines.compress import main as compress_main
 
         return compress_main(argv[1:], prog="ctxtree compress")
     if argv[:1] == ["train"]:
-        from pipelines.train import main as train_main
+        from ctxtree.pipelines.train import main as train_main
 
         return train_main(argv[1:], prog="ctxtree train")
     if argv[:1] == ["serve"]:
-        from serve.run import main as serve_main
+        from ctxtree.serve.run import main as serve_main
 
         return serve_main(argv[1:], prog="ctxtree serve")
     parser = argparse.ArgumentParser(prog="ctxtree", description=__doc__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from kernels.tree import CODECS, COMPUTE_DTYPES, TreeConfig
+from ctxtree.kernels.tree import CODECS, COMPUTE_DTYPES, TreeConfig
 
 
 def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
@@ -18,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         p.add_argument("--top-chunks", type=int, default=None,
                        help="chunks injected per question, the best matches, at least one per document "
                             "(default: as the adapter was trained; 0: every chunk)")
-    d = TreeConfig()  # one source of the defaults: the setting pipelines/recipe.py trains for
+    d = TreeConfig()  # one source of the defaults: the setting ctxtree/pipelines/recipe.py trains for
     p.add_argument("--layers", type=int, default=d.n_layers, help=f"M, injection layers (default {d.n_layers})")
     p.add_argument("--chunk-len", type=int, default=d.chunk_len, help=f"L, tokens per chunk (default {d.chunk_len})")
     p.add_argument("--height", type=int, default=d.height, help=f"h, tree height (default {d.height})")

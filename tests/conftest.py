@@ -12,7 +12,7 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 import pytest
 import torch
 
-from kernels.weights import load_llama
+from ctxtree.kernels.weights import load_llama
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,7 +52,7 @@ def tiny_model(tiny_ckpt):
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
     from ctxtree.runtime import cache_dir, default_model_path
-    from kernels.weights import prepare_checkpoint
+    from ctxtree.kernels.weights import prepare_checkpoint
 
     return prepare_checkpoint(default_model_path(), cache_dir())
 

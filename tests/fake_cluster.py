@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from serve.launch import free_port
+from ctxtree.serve.launch import free_port
 
 PROBE = """
 import json, sys

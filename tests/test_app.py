@@ -9,9 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ctxtree.store import TreeStore
-from pipelines.document import CompressSettings, compress_document
-from serve.app import build_app
-from serve.service import DecoderService, ServiceConfig
+from ctxtree.pipelines.document import CompressSettings, compress_document
+from ctxtree.serve.app import build_app
+from ctxtree.serve.service import DecoderService, ServiceConfig
 from tests.conftest import REPO
 
 TEXT = (REPO / "samples" / "GPL-3.txt").read_text()[:6000]

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from ctxtree.store import TreeStore
-from pipelines.document import CompressSettings, compress_document
-from serve.launch import free_port
+from ctxtree.pipelines.document import CompressSettings, compress_document
+from ctxtree.serve.launch import free_port
 from tests.conftest import REPO
 from tests.fake_cluster import FakeCluster
 
@@ -26,8 +26,8 @@ MAX_REPLICAS = 3
 
 
 def serve_config(store: str, http_port: int) -> dict:
-    """serve/serve_config.yaml, with what a one-machine test needs changed and nothing else."""
-    cfg = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    """infra/serve_config.yaml, with what a one-machine test needs changed and nothing else."""
+    cfg = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
     cfg["proxy_location"] = "HeadOnly"           # fake nodes share one host: one proxy port
     cfg["http_options"]["port"] = http_port
     app = cfg["applications"][0]

@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from kernels.tree import TreeConfig
+from ctxtree.kernels.tree import TreeConfig
 from tests.conftest import REPO
 
 SAMPLE = REPO / "samples" / "GPL-3.txt"

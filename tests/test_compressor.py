@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from kernels.compressor import compress_nodes, query_vector
+from ctxtree.kernels.compressor import compress_nodes, query_vector
 
 
 @pytest.mark.parametrize("n_layers", [1, 3])

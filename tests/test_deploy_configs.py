@@ -21,7 +21,7 @@ def test_ray_cluster_yaml_passes_ray_validation():
 def test_kuberay_rayjob_runs_the_compress_job():
     job = yaml.safe_load((REPO / "infra" / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
-    assert job["spec"]["entrypoint"].startswith("python -m pipelines.compress ")
+    assert job["spec"]["entrypoint"].startswith("python -m ctxtree.pipelines.compress ")
     groups = {g["groupName"]: g for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
     assert groups["gpu"]["minReplicas"] == 0
     limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -32,7 +32,7 @@ def test_kuberay_rayjob_runs_the_compress_job():
 def test_serve_config_is_valid_and_rayservice_carries_the_same_apps():
     from ray.serve.schema import ServeDeploySchema
 
-    local = yaml.safe_load((REPO / "serve" / "serve_config.yaml").read_text())
+    local = yaml.safe_load((REPO / "infra" / "serve_config.yaml").read_text())
     ServeDeploySchema(**local)  # Serve's own validation of `serve run` / `serve deploy` configs
     svc = yaml.safe_load((REPO / "infra" / "kuberay" / "rayservice.yaml").read_text())
     v2 = yaml.safe_load(svc["spec"]["serveConfigV2"])
@@ -43,9 +43,9 @@ def test_serve_config_is_valid_and_rayservice_carries_the_same_apps():
     dep = deps["decoder"]
     assert dep["max_queued_requests"] > 0 and dep["autoscaling_config"]["min_replicas"] >= 1
     # the import path and args build an application with our typed arguments
-    from serve.decoder import ServeArgs, app_builder
+    from ctxtree.serve.decoder import ServeArgs, app_builder
 
     app = local["applications"][0]
     assert ServeArgs(**app["args"]).store == "ctxtree-data"
     assert app_builder(app["args"]) is not None
-    assert app["import_path"] == "serve.decoder:app_builder"
+    assert app["import_path"] == "ctxtree.serve.decoder:app_builder"

@@ -8,8 +8,8 @@ import torch
 
 from ctxtree.prompt import document_tokens
 from ctxtree.store import NotFound, TreeStore
-from kernels.tree import TreeConfig, build_tree
-from pipelines.document import BadDocument, CompressSettings, compress_document
+from ctxtree.kernels.tree import TreeConfig, build_tree
+from ctxtree.pipelines.document import BadDocument, CompressSettings, compress_document
 from tests.conftest import REPO
 
 TEXT = (REPO / "samples" / "GPL-3.txt").read_text()[:12000]
@@ -59,7 +59,7 @@ def test_bad_documents_are_refused_and_leave_nothing(small_rt, tmp_path):
 @pytest.mark.parametrize("data,reason", [(b"\x00\x01binary\x00", "binary"), (b"caf\xe9 latin-1", "undecodable"),
                                          ("   ", "empty"), ("x" * 2000, "too large")])
 def test_decode_text_says_why(data, reason):
-    from pipelines.document import decode_text
+    from ctxtree.pipelines.document import decode_text
 
     with pytest.raises(BadDocument, match=reason):
         decode_text(data, CompressSettings(max_doc_bytes=1000))

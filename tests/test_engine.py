@@ -7,10 +7,10 @@ import asyncio
 
 import torch
 
-from kernels.generate import SamplingConfig
-from kernels.inject import InjectionDecoder
-from kernels.tree import TreeConfig, build_tree
-from serve.engine import BatchingEngine, GenRequest
+from ctxtree.kernels.generate import SamplingConfig
+from ctxtree.kernels.inject import InjectionDecoder
+from ctxtree.kernels.tree import TreeConfig, build_tree
+from ctxtree.serve.engine import BatchingEngine, GenRequest
 
 CFG = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
 

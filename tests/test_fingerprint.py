@@ -7,15 +7,15 @@ import os
 import subprocess
 import sys
 
-from kernels.fingerprint import model_fingerprint
-from kernels.tree import TreeConfig
-from kernels.weights import load_llama
+from ctxtree.kernels.fingerprint import model_fingerprint
+from ctxtree.kernels.tree import TreeConfig
+from ctxtree.kernels.weights import load_llama
 from tests.conftest import REPO, save_tiny
 
 SCRIPT = """
 import sys
 from ctxtree.runtime import load_runtime
-from kernels.tree import TreeConfig
+from ctxtree.kernels.tree import TreeConfig
 rt = load_runtime(__import__("pathlib").Path(sys.argv[1]), TreeConfig(n_layers=2))
 print(rt.fingerprint)
 """

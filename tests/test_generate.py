@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.generate import SamplingConfig, generate, sample
-from kernels.inject import InjectionDecoder
+from ctxtree.kernels.generate import SamplingConfig, generate, sample
+from ctxtree.kernels.inject import InjectionDecoder
 
 
 def run(model, prompt, cfg, seed=None, stop_ids=()):

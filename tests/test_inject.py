@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.compressor import route_query
-from kernels.generate import SamplingConfig, generate, left_pad
-from kernels.inject import AdapterError, InjectionDecoder, batch_context, load_adapter, save_adapter
-from kernels.tree import TreeConfig, build_tree, search
+from ctxtree.kernels.compressor import route_query
+from ctxtree.kernels.generate import SamplingConfig, generate, left_pad
+from ctxtree.kernels.inject import AdapterError, InjectionDecoder, batch_context, load_adapter, save_adapter
+from ctxtree.kernels.tree import TreeConfig, build_tree, search
 
 CFG = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from kernels.generate import SamplingConfig, generate, left_pad
-from kernels.inject import InjectionDecoder
-from kernels.llama import KVCache
-from kernels.weights import CheckpointError, load_llama
+from ctxtree.kernels.generate import SamplingConfig, generate, left_pad
+from ctxtree.kernels.inject import InjectionDecoder
+from ctxtree.kernels.llama import KVCache
+from ctxtree.kernels.weights import CheckpointError, load_llama
 from tests.conftest import save_tiny
 
 CONFIGS = {

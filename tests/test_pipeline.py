@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from ctxtree.store import TreeStore, document_key
-from serve.launch import free_port
+from ctxtree.serve.launch import free_port
 from tests.conftest import REPO
 
 TREE_ARGS = ["--layers", "2", "--chunk-len", "256", "--keep", "8", "--progress-seconds", "2"]
@@ -88,7 +88,7 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def compress(cluster, store: str, inputs: list[str], *extra: str, env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "pipelines.compress", "--address", cluster["address"], "--store", store,
+    cmd = [sys.executable, "-m", "ctxtree.pipelines.compress", "--address", cluster["address"], "--store", store,
            *TREE_ARGS, *extra, *inputs]
     proc = subprocess.Popen(cmd, env={**ray_env(), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
@@ -139,7 +139,7 @@ def test_compress_local_with_failures_then_rerun_is_noop(cluster, corpus, tmp_pa
 
     # the committed trees are exactly what the model computes in-process
     from ctxtree.runtime import load_runtime
-    from kernels.tree import TreeConfig, build_tree
+    from ctxtree.kernels.tree import TreeConfig, build_tree
     rt = load_runtime(tree_config=TreeConfig(n_layers=2, chunk_len=256, keep=8))
     assert rt.fingerprint == fp
     doc_id = str(corpus["root"] / "doc1.txt")
@@ -257,7 +257,7 @@ def test_ray_job_submit_to_local_head(cluster, corpus, tmp_path):
     store_dir = tmp_path / "store"
     inputs = [str(corpus["root"] / "doc0.txt"), str(corpus["root"] / "doc1.txt")]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(REPO),
-           "--", "python", "-m", "pipelines.compress", "--store", str(store_dir), *TREE_ARGS, *inputs]
+           "--", "python", "-m", "ctxtree.pipelines.compress", "--store", str(store_dir), *TREE_ARGS, *inputs]
     res = subprocess.run(cmd, env=ray_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert "succeeded" in res.stdout.lower()

@@ -2,7 +2,7 @@
 zero-initialised decoder (the base model, blind to the trees) does not.
 
 Held-out means haystack text, needle templates and question phrasings never used in
-training (pipelines/data.py). Seed 5 is not a seed any training run or the quality
+training (ctxtree/pipelines/data.py). Seed 5 is not a seed any training run or the quality
 benchmark (seed 0) uses. bench/quality.py measures the whole curve; this is the
 regression guard that runs on every change.
 """
@@ -15,10 +15,10 @@ import torch
 
 from ctxtree.answer import answer_question
 from ctxtree.runtime import load_runtime
-from kernels.generate import SamplingConfig
-from kernels.inject import InjectionDecoder
-from kernels.tree import build_tree
-from pipelines.data import is_correct, load_haystack, make_sample
+from ctxtree.kernels.generate import SamplingConfig
+from ctxtree.kernels.inject import InjectionDecoder
+from ctxtree.kernels.tree import build_tree
+from ctxtree.pipelines.data import is_correct, load_haystack, make_sample
 
 QUESTIONS = 10
 LENGTH = 4096

@@ -6,10 +6,10 @@ import torch
 
 from bench.quality import injected_level
 from ctxtree.prompt import question_prompt, question_tokens
-from kernels.compressor import query_vector, route_query
-from kernels.generate import left_pad
-from kernels.tree import build_tree, search
-from pipelines.data import load_haystack, make_sample
+from ctxtree.kernels.compressor import query_vector, route_query
+from ctxtree.kernels.generate import left_pad
+from ctxtree.kernels.tree import build_tree, search
+from ctxtree.pipelines.data import load_haystack, make_sample
 
 
 def test_query_search_reaches_the_asked_value_on_held_out_questions(smollm_runtime):

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from ctxtree.store import TreeStore
-from pipelines.document import CompressSettings, compress_document
-from serve.launch import ServeProcess
+from ctxtree.pipelines.document import CompressSettings, compress_document
+from ctxtree.serve.launch import ServeProcess
 from tests.conftest import REPO
 
 

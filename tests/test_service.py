@@ -10,9 +10,9 @@ import pytest
 
 from ctxtree.answer import answer_question
 from ctxtree.store import FingerprintMismatch, NotFound, TreeStore
-from kernels.generate import SamplingConfig
-from pipelines.document import CompressSettings, compress_document
-from serve.service import AnswerEnd, DecoderService, RequestTooLarge, ServiceConfig
+from ctxtree.kernels.generate import SamplingConfig
+from ctxtree.pipelines.document import CompressSettings, compress_document
+from ctxtree.serve.service import AnswerEnd, DecoderService, RequestTooLarge, ServiceConfig
 from tests.conftest import REPO
 
 DOCS = {"gpl": (REPO / "samples" / "GPL-3.txt").read_text()[:9000],

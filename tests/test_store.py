@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ctxtree.store import Corrupt, FingerprintMismatch, Manifest, NotFound, TreeStore, document_key
-from kernels.tree import TreeConfig, build_tree
-from kernels.treefile import shard_tree
+from ctxtree.kernels.tree import TreeConfig, build_tree
+from ctxtree.kernels.treefile import shard_tree
 from tests.conftest import REPO
 
 FP = "a" * 64

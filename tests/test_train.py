@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, save_tiny
-from pipelines.data import (HELDOUT_VOCAB, KINDS, TRAIN_VOCAB, haystack_texts, is_correct, load_haystack,
+from ctxtree.pipelines.data import (HELDOUT_VOCAB, KINDS, TRAIN_VOCAB, haystack_texts, is_correct, load_haystack,
                             make_needle_chunk, make_sample)
 
 STEPS = 200  # long enough that the kill lands mid-run (a tiny step takes ~30 ms)
@@ -25,7 +25,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm_dir):
-    from kernels.weights import load_tokenizer
+    from ctxtree.kernels.weights import load_tokenizer
 
     return load_tokenizer(smollm_dir)
 
@@ -107,10 +107,10 @@ def test_fresh_needles_never_repeat_a_fact_and_bad_settings_are_refused(tiny_cha
     import random
 
     from ctxtree.runtime import NO_ADAPTER, load_runtime
-    from kernels.tree import TreeConfig
-    from pipelines.chunk_pool import ChunkCache, ChunkPool
-    from pipelines.train import TrainConfig
-    from pipelines.train_step import make_example
+    from ctxtree.kernels.tree import TreeConfig
+    from ctxtree.pipelines.chunk_pool import ChunkCache, ChunkPool
+    from ctxtree.pipelines.train import TrainConfig
+    from ctxtree.pipelines.train_step import make_example
 
     rt = load_runtime(tiny_chat_model, TreeConfig(n_layers=2, chunk_len=128, keep=8), adapter=NO_ADAPTER)
     pool = ChunkPool(ChunkCache(tmp_path, rt.fingerprint, rt.model, rt.tree_config), rt.tokenizer,
@@ -132,7 +132,7 @@ def test_fresh_needles_never_repeat_a_fact_and_bad_settings_are_refused(tiny_cha
 
 
 def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
-    return [sys.executable, "-m", "pipelines.train", "--model", str(model), "--out", str(out),
+    return [sys.executable, "-m", "ctxtree.pipelines.train", "--model", str(model), "--out", str(out),
             "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",
             "--layers", "2", "--chunk-len", "128", "--keep", "8", "--pool-size", "6", "--digits", "1-2",
             "--max-chunks", "2", "--ramp-steps", "10", "--eval-every", "50", "--eval-chunks", "1",
@@ -217,8 +217,8 @@ def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_
 
 
 def test_the_recipe_is_valid_and_its_last_stage_is_the_default():
-    from pipelines.recipe import STAGES
-    from pipelines.train import TrainConfig
+    from ctxtree.pipelines.recipe import STAGES
+    from ctxtree.pipelines.train import TrainConfig
 
     configs = [TrainConfig(out=name, **stage) for name, stage in STAGES]  # each validates itself
     assert [c.seed for c in configs] == sorted({c.seed for c in configs})  # every stage sees new facts

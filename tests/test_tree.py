@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.compressor import compress_nodes
-from kernels.tree import (NOT_INJECTED, ContextTree, RouteQuery, TreeConfig, build_tree, chunk_bounds, gather_nodes,
+from ctxtree.kernels.compressor import compress_nodes
+from ctxtree.kernels.tree import (NOT_INJECTED, ContextTree, RouteQuery, TreeConfig, build_tree, chunk_bounds, gather_nodes,
                           keep_per_node, kept_positions, node_spans, search, search_documents, slice_tree,
                           token_match_scores)
-from kernels.compressor import route_query
+from ctxtree.kernels.compressor import route_query
 
 
 @pytest.mark.parametrize("n_tokens,chunk_len", [(1, 4), (1024, 1024), (1025, 1024), (5000, 512), (37, 8)])
@@ -206,8 +206,8 @@ def test_left_out_chunks_are_skipped_and_the_rest_renumbered(tiny_model):
     # Injecting chunks 1 and 3 of a tree must give exactly the K/V (RoPE included) of a
     # two-chunk tree made of those chunks: what the decoder reads does not depend on
     # how many chunks the document had.
-    from kernels.inject import InjectionDecoder
-    from pipelines.chunk_pool import assemble
+    from ctxtree.kernels.inject import InjectionDecoder
+    from ctxtree.pipelines.chunk_pool import assemble
 
     cfg = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
     tokens = torch.randint(3, 97, (128,), generator=torch.Generator().manual_seed(5))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from ctxtree.store import Corrupt, FingerprintMismatch, Manifest, NotFound, TreeStore, document_key
-from kernels.tree import TreeConfig, build_tree
-from kernels.treefile import shard_tree
-from serve.tree_cache import TooLarge, TreeCache
+from ctxtree.kernels.tree import TreeConfig, build_tree
+from ctxtree.kernels.treefile import shard_tree
+from ctxtree.serve.tree_cache import TooLarge, TreeCache
 
 FP = "c" * 64
 

@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
-from kernels.tree import TreeConfig, build_tree, concat_trees
-from kernels.treefile import FORMAT_VERSION, CorruptTreeError, TreeShard, decode_shard, encode_shard, shard_tree
+from ctxtree.kernels.tree import TreeConfig, build_tree, concat_trees
+from ctxtree.kernels.treefile import FORMAT_VERSION, CorruptTreeError, TreeShard, decode_shard, encode_shard, shard_tree
 
 
 @pytest.fixture(scope="module")

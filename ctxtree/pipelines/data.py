@@ -1,0 +1,343 @@
+"""Long-document question answering over real text: a seeded needle-in-a-haystack generator.
+
+Haystacks are real prose that every install has offline:
+- training: the Python language reference and library topics shipped with CPython
+  (`pydoc_data.topics`, PSF License 2.0) and the licence texts in samples/corpus/
+  (licence-*.txt, see samples/SOURCES.md);
+- held out: the Debian Reference chapters in samples/corpus/ (GPL-2+, Osamu Aoki),
+  66K tokens, so a held-out 64K-token document never repeats text.
+
+Needles are short facts overwritten into the haystack's token stream at a line or
+sentence boundary, in place (the document keeps its length and every other chunk keeps
+its tokens, so training can reuse the compressed haystack chunks and re-encode only the
+chunks a needle touches). Kinds:
+
+- `single`: one fact, asked back;
+- `multi`: four facts of the same kind about different entities, one asked;
+- `spread`: two documents with one fact each, both asked in one question;
+- `paraphrase`: a fact stated in other words than its question uses.
+
+The held-out split uses other haystack text, other entities and attributes, other fact
+templates and other question phrasings than training (tests check they never overlap).
+A sample is a pure function of (split, seed, index, length, kind): same inputs, same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SPLITS = ("train", "heldout")
+KINDS = ("single", "multi", "spread", "paraphrase")
+# Training and the quality bench read the sample corpus of a source checkout (samples/ is
+# not installed): CTXTREE_CORPUS_DIR points elsewhere, e.g. for a non-editable install.
+CORPUS_DIR = Path(os.environ.get("CTXTREE_CORPUS_DIR", Path(__file__).resolve().parents[2] / "samples" / "corpus"))
+
+
+def corpus_files(pattern: str) -> list[Path]:
+    files = sorted(CORPUS_DIR.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} in {CORPUS_DIR}: training data come from samples/corpus of a "
+                                "ctxtree checkout (set CTXTREE_CORPUS_DIR to use another copy)")
+    return files
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Everything a needle is made of, per split."""
+    colors: tuple[str, ...]
+    places: tuple[str, ...]
+    attributes: tuple[str, ...]
+    facts: tuple[str, ...]          # "{Entity}", "{entity}", "{attr}", "{value}"
+    questions: tuple[str, ...]      # one fact asked
+    pair_questions: tuple[str, ...]  # two facts asked ("{entity2}")
+    paraphrase: tuple[tuple[str, str], ...]  # (fact, question) stated in different words
+
+
+TRAIN_VOCAB = Vocabulary(
+    colors=("blue", "green", "red", "yellow", "purple", "orange", "black", "white", "silver", "golden"),
+    places=("warehouse", "gate", "garage", "library", "harbor", "tower", "bakery", "museum", "factory",
+            "station", "bridge", "cabin"),
+    attributes=("access code", "serial number", "room number", "ticket number", "account number", "pin"),
+    facts=("The {attr} of {entity} is {value}.",
+           "Remember that the {attr} of {entity} is {value}.",
+           "{Entity} has the {attr} {value}.",
+           "Important: the {attr} for {entity} is {value}."),
+    questions=("What is the {attr} of {entity}?",
+               "Tell me the {attr} of {entity}.",
+               "What {attr} does {entity} have?",
+               "Which {attr} was given for {entity}?"),
+    pair_questions=("What are the {attr} of {entity} and the {attr2} of {entity2}?",
+                    "Give the {attr} of {entity} and the {attr2} of {entity2}."),
+    paraphrase=(("{Entity} can be unlocked by typing {value}.", "Which number opens {entity}?"),
+                ("Visitors reach {entity} by dialing extension {value}.", "What do you dial to reach {entity}?"),
+                ("The lottery drew {value} for {entity}.", "Which draw result went to {entity}?")),
+)
+
+HELDOUT_VOCAB = Vocabulary(
+    colors=("amber", "crimson", "ivory", "teal", "violet", "scarlet", "bronze", "indigo"),
+    places=("observatory", "greenhouse", "lighthouse", "monastery", "vineyard", "laboratory", "stadium",
+            "boathouse", "chapel", "quarry"),
+    attributes=("locker combination", "order number", "badge number", "invoice number", "parcel number"),
+    facts=("According to the records, {entity} has {attr} {value}.",
+           "Note: the {attr} assigned to {entity} is {value}.",
+           "For {entity}, the {attr} reads {value}."),
+    questions=("Which {attr} belongs to {entity}?",
+               "Do you know the {attr} of {entity}?",
+               "Find the {attr} recorded for {entity}."),
+    pair_questions=("Which {attr} belongs to {entity}, and which {attr2} to {entity2}?",),
+    paraphrase=(("Whoever wants to enter {entity} must key in {value}.", "What must be keyed in to enter {entity}?"),
+                ("{Entity} was sold to the bidder holding card {value}.", "Which card won {entity}?")),
+)
+
+
+def vocabulary(split: str) -> Vocabulary:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
+    return TRAIN_VOCAB if split == "train" else HELDOUT_VOCAB
+
+
+def haystack_texts(split: str) -> list[tuple[str, str]]:
+    """(name, text) of the split's haystack documents, in a fixed order."""
+    if split == "train":
+        import pydoc_data.topics
+
+        texts = [(f"pydoc:{k}", v) for k, v in sorted(pydoc_data.topics.topics.items())]
+        texts += [(p.name, p.read_text()) for p in corpus_files("license-*.txt")]
+        return texts
+    if split == "heldout":
+        return [(p.name, p.read_text()) for p in corpus_files("debian-reference-*.txt")]
+    raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
+
+
+@dataclass
+class Haystack:
+    """One split's haystack text as a single token stream, with the positions where a
+    needle may start (right after a newline or sentence end)."""
+    split: str
+    tokens: list[int]
+    boundaries: list[int]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def load_haystack(tokenizer, split: str) -> Haystack:
+    tokens: list[int] = []
+    names = []
+    for name, text in haystack_texts(split):
+        text = re.sub(r"\n{3,}", "\n\n", text.strip()) + "\n\n"
+        tokens += tokenizer(text, add_special_tokens=False)["input_ids"]
+        names.append(name)
+    boundary_ids = {i for t, i in tokenizer.get_vocab().items()
+                    if t.endswith(("Ċ", ".")) or t in ("ĊĊ", ".Ġ")}
+    boundaries = [i + 1 for i, t in enumerate(tokens[:-1]) if t in boundary_ids]
+    return Haystack(split=split, tokens=tokens, boundaries=boundaries, names=names)
+
+
+@dataclass(frozen=True)
+class Fact:
+    entity: str
+    attribute: str
+    value: str
+    sentence: str
+    document: int
+
+
+@dataclass
+class Sample:
+    """One question over one or more documents (token ids, each `length // n_docs` long)."""
+    id: str
+    split: str
+    kind: str
+    length: int
+    documents: list[list[int]]
+    question: str
+    answers: list[str]          # every value must appear in a correct answer
+    target: str                 # the answer text the decoder is trained to give
+    facts: list[Fact] = field(default_factory=list)
+    needle_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (document, start, end)
+    answer_positions: list[tuple[int, int]] = field(default_factory=list)  # asked values: (document, token)
+    haystack_starts: list[int] = field(default_factory=list)  # where each document starts in the haystack
+
+    def texts(self, tokenizer) -> list[str]:
+        return [tokenizer.decode(d) for d in self.documents]
+
+
+def is_correct(answer: str, sample: Sample) -> bool:
+    """Exact match: every expected value appears in the answer as a whole number."""
+    found = set(re.findall(r"\d+", answer))
+    return all(v in found for v in sample.answers)
+
+
+def _rng(split: str, seed: int, index: int, length: int, kind: str) -> random.Random:
+    key = f"{split}:{seed}:{index}:{length}:{kind}".encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+
+def _value(rng: random.Random, digits: int) -> str:
+    return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def _entities(rng: random.Random, vocab: Vocabulary, n: int) -> list[str]:
+    pairs = rng.sample([(c, p) for c in vocab.colors for p in vocab.places], n)
+    return [f"the {c} {p}" for c, p in pairs]
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: str, seed: int = 0,
+                digits: int | tuple[int, int] = (4, 6), align: int = 1) -> Sample:
+    """Sample `index` of the stream for (split, seed, length, kind). Deterministic.
+
+    length: total document tokens (split over two documents for `spread`); digits: the
+    answer values' digit count, or an inclusive range to draw from (curriculum: short first);
+    align: documents start at a multiple of this in the haystack (training uses the chunk
+    length, so haystack chunks repeat and their trees can be cached).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"needle kind {kind!r} unknown; expected one of {KINDS}")
+    n_docs = 2 if kind == "spread" else 1
+    doc_len = length // n_docs
+    if doc_len < 64:
+        raise ValueError(f"length {length} is too short for a {kind} sample (at least 64 tokens per document)")
+    if doc_len > len(haystack):
+        raise ValueError(f"length {length} exceeds the {haystack.split} haystack ({len(haystack)} tokens)")
+    split = haystack.split
+    vocab = vocabulary(split)
+    rng = _rng(split, seed, index, length, kind)
+    lo, hi = (digits, digits) if isinstance(digits, int) else digits
+
+    n_facts = {"single": 1, "paraphrase": 1, "multi": 4, "spread": 2}[kind]
+    entities = _entities(rng, vocab, n_facts)
+    attr = rng.choice(vocab.attributes)
+    values: list[str] = []
+    while len(values) < n_facts:  # distinct values: a question never has two right answers
+        v = _value(rng, rng.randint(lo, hi))
+        if v not in values:
+            values.append(v)
+    if kind == "paraphrase":
+        fact_t, question_t = rng.choice(vocab.paraphrase)
+        sentences = [fact_t.format(Entity=_cap(entities[0]), entity=entities[0], value=values[0])]
+        question = question_t.format(entity=entities[0])
+    else:
+        sentences = [rng.choice(vocab.facts).format(Entity=_cap(e), entity=e, attr=attr, value=v)
+                     for e, v in zip(entities, values)]
+        if kind == "spread":
+            question = rng.choice(vocab.pair_questions).format(attr=attr, attr2=attr, entity=entities[0],
+                                                                 entity2=entities[1])
+        else:
+            question = rng.choice(vocab.questions).format(attr=attr, entity=entities[0])
+    asked = [0, 1] if kind == "spread" else [0]
+    # multi: the asked fact sits at a random rank among the four
+    order = list(range(n_facts))
+    rng.shuffle(order)
+
+    documents, starts = [], []
+    for _ in range(n_docs):
+        start = rng.randrange((len(haystack) - doc_len) // align + 1) * align
+        documents.append(list(haystack.tokens[start:start + doc_len]))
+        starts.append(start)
+    facts, spans, value_at = [], [], {}
+    per_doc: list[list[int]] = [[] for _ in range(n_docs)]
+    for rank, f in enumerate(order):
+        per_doc[f if kind == "spread" else 0].append(f)
+    for d, fact_ids in enumerate(per_doc):
+        needle_tokens = [tokenizer(" " + sentences[f] + "\n", add_special_tokens=False)["input_ids"]
+                         for f in fact_ids]
+        need = sum(len(t) for t in needle_tokens)
+        if need * 2 > doc_len:
+            raise ValueError(f"documents of {doc_len} tokens are too short for {len(fact_ids)} facts")
+        # non-overlapping slots: split the document into len(fact_ids) equal regions, one fact each
+        region = doc_len // len(fact_ids)
+        lo_bound = starts[d]
+        cands = haystack.boundaries
+        for slot, (f, toks) in enumerate(zip(fact_ids, needle_tokens)):
+            r0, r1 = slot * region, (slot + 1) * region - len(toks)
+            # prefer a sentence/line boundary inside the region (positions relative to the document)
+            inside = [b - lo_bound for b in _range(cands, lo_bound + r0, lo_bound + r1)]
+            pos = rng.choice(inside) if inside else rng.randrange(r0, max(r0, r1) + 1)
+            documents[d][pos:pos + len(toks)] = toks
+            spans.append((d, pos, pos + len(toks)))
+            before = sentences[f][:sentences[f].index(values[f])]
+            value_at[f] = (d, pos + len(tokenizer(" " + before, add_special_tokens=False)["input_ids"]))
+            facts.append(Fact(entity=entities[f], attribute=attr, value=values[f], sentence=sentences[f],
+                              document=d))
+    answers = [values[i] for i in asked]
+    target = " and ".join(answers)
+    return Sample(id=f"{split}-{kind}-{length}-{seed}-{index}", split=split, kind=kind, length=length,
+                  documents=documents, question=question, answers=answers, target=target,
+                  facts=facts, needle_spans=spans, answer_positions=[value_at[i] for i in asked],
+                  haystack_starts=starts)
+
+
+def _range(sorted_positions: list[int], lo: int, hi: int) -> list[int]:
+    """Elements of a sorted list within [lo, hi]."""
+    import bisect
+
+    return sorted_positions[bisect.bisect_left(sorted_positions, lo):bisect.bisect_right(sorted_positions, hi)]
+
+
+@dataclass
+class NeedleChunk:
+    """One haystack chunk with several facts overwritten into it, and a question per fact:
+    the unit of training data (encoded once, asked many times)."""
+    tokens: list[int]
+    facts: list[Fact]
+    questions: list[str]
+    value_positions: list[int]   # per fact: the token position of its value's first token
+
+
+def make_needle_chunk(tokenizer, haystack: Haystack, index: int, seed: int, chunk_len: int, n_facts: int = 4,
+                      digits: tuple[int, int] = (2, 6)) -> NeedleChunk:
+    """Needle chunk `index`: a chunk-aligned haystack window with n_facts facts, each stated
+    with a plain or a paraphrase template of the split, values of `digits` digits."""
+    vocab = vocabulary(haystack.split)
+    rng = _rng(haystack.split, seed, index, chunk_len, "chunk")
+    n_windows = len(haystack) // chunk_len
+    start = rng.randrange(n_windows) * chunk_len
+    tokens = list(haystack.tokens[start:start + chunk_len])
+    entities = _entities(rng, vocab, n_facts)
+    values: list[str] = []
+    while len(values) < n_facts:
+        v = _value(rng, rng.randint(*digits))
+        if v not in values:
+            values.append(v)
+    facts, questions, value_positions = [], [], []
+    region = chunk_len // n_facts
+    for slot, (entity, value) in enumerate(zip(entities, values)):
+        if rng.random() < 0.25:
+            fact_t, question_t = rng.choice(vocab.paraphrase)
+            attr = ""
+            sentence = fact_t.format(Entity=_cap(entity), entity=entity, value=value)
+            question = question_t.format(entity=entity)
+        else:
+            attr = rng.choice(vocab.attributes)
+            sentence = rng.choice(vocab.facts).format(Entity=_cap(entity), entity=entity, attr=attr, value=value)
+            question = rng.choice(vocab.questions).format(attr=attr, entity=entity)
+        toks = tokenizer(" " + sentence + "\n", add_special_tokens=False)["input_ids"]
+        r0, r1 = slot * region, (slot + 1) * region - len(toks)
+        inside = [b - start for b in _range(haystack.boundaries, start + r0, start + r1)]
+        pos = rng.choice(inside) if inside else rng.randrange(r0, max(r0, r1) + 1)
+        tokens[pos:pos + len(toks)] = toks
+        before = sentence[:sentence.index(value)]
+        value_positions.append(pos + len(tokenizer(" " + before, add_special_tokens=False)["input_ids"]))
+        facts.append(Fact(entity=entity, attribute=attr, value=value, sentence=sentence, document=0))
+        questions.append(question)
+    return NeedleChunk(tokens=tokens, facts=facts, questions=questions, value_positions=value_positions)
+
+
+def pair_question(rng: random.Random, split: str, a: Fact, b: Fact, question_a: str, question_b: str) -> str:
+    """One question asking two facts (of any attributes)."""
+    vocab = vocabulary(split)
+    if a.attribute and b.attribute:
+        return rng.choice(vocab.pair_questions).format(attr=a.attribute, attr2=b.attribute,
+                                                       entity=a.entity, entity2=b.entity)
+    return f"{question_a} And: {question_b[:1].lower() + question_b[1:]}"

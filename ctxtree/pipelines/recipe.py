@@ -1,0 +1,84 @@
+"""The adapter recipe, as one command: its training stages in order, each
+started from the previous stage's weights.
+
+    python -m ctxtree.pipelines.recipe --out runs/shipped [--address auto --workers 4 --use-gpu]
+
+Each stage is an ordinary `ctxtree train` run in <out>/<stage>/ (resumable the same
+way); a stage whose adapter exists is skipped, so the same command continues after a
+kill. The result is <out>/<last stage>/adapter/. docs/training.md gives the costs.
+
+Stages 1 and 2 were first run with chunk_len 1024, keep 128 and 256-token needle
+documents; a 256-token chunk then keeps 128 * 256 // 1024 = 32 positions per node, so
+its tree is exactly the one chunk_len 256, keep 32 builds, and the stages are written
+here in those terms (the default tree setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from ctxtree.pipelines.train import ADAPTER_DIR, TrainConfig, run
+
+# one-chunk documents with two fresh facts each (nothing can be learnt by heart), mostly
+# teacher-routed: the decoder learns to copy a value out of the injected nodes
+COPY = dict(chunk_len=256, keep=32, needle_len=0, pool_size=0, facts_per_chunk=2, digits=(3, 6), max_chunks=1,
+            ramp_steps=0, spread_fraction=0.0, oracle_fraction=0.75, lr=3e-3, warmup=20, batch=4,
+            top_chunks=0, prose_fraction=0.0)
+
+STAGES: list[tuple[str, dict]] = [
+    ("1-copy", dict(COPY, steps=2000, stop_at=1600, seed=0)),
+    ("2-copy-more", dict(COPY, steps=4000, stop_at=2700, seed=1)),
+    # documents grow to 32 chunks (8K tokens) of real haystack around the needle chunk,
+    # searched as at serving time (token match), a tenth teacher-routed
+    ("3-long", dict(COPY, max_chunks=32, ramp_steps=800, oracle_fraction=0.1, lr=2e-3, haystack_chunks=512,
+                    steps=2000, seed=2)),
+]
+
+# Trained on every chunk of its documents, the result is served injecting only the 2 chunks
+# that match a question best (ctxtree.kernels.tree.search_documents): at 4K tokens 9 of 13 held-out
+# single facts against 1 of 13 with every chunk (docs/quality.md). Written into the
+# final adapter.json, as `ctxtree train --top-chunks` would.
+SERVE_TOP_CHUNKS = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ctxtree.pipelines.recipe", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path, help="directory for the stages' run directories")
+    ap.add_argument("--model", default=None, help="base model (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--cpus-per-worker", type=float, default=2.0)
+    ap.add_argument("--use-gpu", action="store_true")
+    args = ap.parse_args(argv)
+    previous: Path | None = None
+    for name, stage in STAGES:
+        out = args.out / name
+        if (out / ADAPTER_DIR / "adapter.json").is_file():
+            print(f"[recipe] {name}: done ({out / ADAPTER_DIR})", flush=True)
+        else:
+            print(f"[recipe] {name}: training in {out}", flush=True)
+            cfg = TrainConfig(out=str(out), model=args.model, init_adapter=str(previous) if previous else None,
+                              workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
+                              **stage)
+            try:
+                run(cfg, args.address)
+            except ValueError as e:
+                print(f"python -m ctxtree.pipelines.recipe: error: {e}", file=sys.stderr)
+                return 2
+        previous = out / ADAPTER_DIR
+    meta_path = previous / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("top_chunks") != SERVE_TOP_CHUNKS:
+        meta["top_chunks"] = SERVE_TOP_CHUNKS
+        meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    print(f"adapter: {previous}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

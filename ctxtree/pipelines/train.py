@@ -1,0 +1,432 @@
+"""`ctxtree train`: train the injection weights on Ray Train (method.md §6).
+
+    ctxtree train --out runs/m4                                # local Ray, one CPU worker
+    ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
+
+The defaults are the last stage of the adapter recipe (the whole recipe, one command:
+`python -m ctxtree.pipelines.recipe`; docs/training.md); --out must be a
+path every worker can write (a shared filesystem on a cluster; rank 0 writes).
+
+A TorchTrainer runs `train_loop` on each worker (CPU here, GPU on a cluster); gradients
+of the adapter are averaged across workers. Data come from ctxtree/pipelines/data.py through a
+ChunkPool (compressed chunks cached on disk, so a step costs only the decoder pass).
+
+Resumable: every --checkpoint-every steps the adapter, the AdamW state and the step
+are written to <out>/checkpoints/step-N/ (safetensors + JSON, atomically renamed into
+place) and reported to Ray Train. Running the same command again, after a kill or to
+train further with a larger --steps, continues from the newest checkpoint; the example
+stream is a function of (seed, step), so a resumed run sees the data it would have seen.
+The result is <out>/adapter/ (adapter.safetensors + adapter.json with the base model's
+digest), loaded with `--adapter DIR` by `ctxtree ask` and `ctxtree serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS = "checkpoints"
+LOG = "log.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    model: str | None = None
+    init_adapter: str | None = None       # start from these weights (a fresh run only)
+    steps: int = 2000                     # length of the learning-rate schedule
+    stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
+    batch: int = 4
+    lr: float = 2e-3
+    min_lr_fraction: float = 0.1          # cosine decay to lr * this
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    layers: int = 4
+    chunk_len: int = 256
+    height: int = 3
+    keep: int = 32
+    pool_dir: str | None = None           # default <cache>/train-pool
+    pool_size: int = 0                    # needle chunks, drawn at random; 0 = a fresh chunk every few examples
+    needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
+    facts_per_chunk: int = 2
+    haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
+    digits: tuple[int, int] = (3, 6)
+    max_chunks: int = 32                  # context chunks per document at the end of the curriculum
+    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
+    spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
+    oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
+    top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
+    prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
+    prose_examples: int = 256             # passages those are drawn from (generated once, cached)
+    prose_needles: float = 0.5            # share of those passages that are needle chunks (facts, numbers)
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    eval_chunks: int = 4                  # held-out needle chunks (4 questions each)
+    seed: int = 0
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    threads: int = 0                      # torch threads per worker; 0 = ceil(cpus_per_worker)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.workers < 1:
+            raise ValueError("steps, batch and workers must be >= 1")
+        if not 0 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be within 0..steps ({self.steps}), got {self.stop_at}")
+        if not self.lr > 0 or self.pool_size == 1 or self.pool_size < 0 or self.max_chunks < 1:
+            raise ValueError("lr must be > 0, pool_size 0 (fresh) or >= 2, max_chunks >= 1")
+        if self.pool_size == 0 and self.spread_fraction > 0:
+            raise ValueError("spread examples draw needles from a pool: set spread_fraction 0 with pool_size 0")
+        if not 0 <= self.needle_len <= self.chunk_len or self.facts_per_chunk < 1:
+            raise ValueError(f"needle_len must be within 0..chunk_len ({self.chunk_len}), facts_per_chunk >= 1")
+        if 0 < self.needle_len < self.chunk_len and (self.max_chunks > 1 or self.spread_fraction > 0):
+            raise ValueError("needles shorter than chunk_len are one-chunk documents: set max_chunks 1, "
+                             "spread_fraction 0")
+        if self.top_chunks < 0:
+            raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {self.top_chunks}")
+        if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1 or not 0 <= self.prose_needles <= 1:
+            raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
+        if self.haystack_chunks < 0:
+            raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
+        if not 1 <= self.digits[0] <= self.digits[1] <= 12:
+            raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
+
+    @property
+    def last_step(self) -> int:
+        """The step the run ends at: stop_at, else the end of the schedule."""
+        return self.stop_at or self.steps
+
+    def tree_config(self):
+        from ctxtree.kernels.tree import TreeConfig
+
+        return TreeConfig(n_layers=self.layers, chunk_len=self.chunk_len, height=self.height, keep=self.keep)
+
+    def recipe(self) -> dict:
+        """What determines the trained weights (not where they go or how fast)."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "pool_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_chunks",
+                  "log_every", "threads", "cpus_per_worker", "use_gpu", "steps", "stop_at"):
+            d.pop(k)
+        return d
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    floor = cfg.lr * cfg.min_lr_fraction
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _step_rng(cfg: TrainConfig, step: int, rank: int, row: int) -> random.Random:
+    key = f"train:{cfg.seed}:{step}:{rank}:{row}".encode()
+    return random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    root = out / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _write_checkpoint(out: Path, step: int, decoder, opt, names: list[str], base_digest: str, cfg: TrainConfig,
+                      metrics: dict) -> Path:
+    from ctxtree.kernels.inject import save_adapter
+    from ctxtree.pipelines.train_step import save_optimizer
+
+    root = out / CHECKPOINTS
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(decoder, tmp, base_digest, {"trained_steps": step, "recipe": cfg.recipe()})
+    save_optimizer(opt, names, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a checkpoint is visible only when complete
+    old = sorted(p for p in root.glob("step-*"))[:-cfg.keep_checkpoints]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker entry point (also runs without Ray for tests and debugging)."""
+    import torch
+    import torch.distributed as dist
+
+    from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
+    from ctxtree.kernels.inject import InjectionDecoder, load_adapter
+    from ctxtree.pipelines.chunk_pool import ChunkCache, ChunkPool
+    from ctxtree.pipelines.data import load_haystack
+    from ctxtree.pipelines.prose import PROSE_NEEDLES, load_or_make, make_prose_examples, prose_chunks, prose_tree
+    from ctxtree.pipelines.train_step import Example, answer_step, curriculum_chunks, load_optimizer, make_example
+
+    cfg = TrainConfig(**{**config, "digits": tuple(config["digits"])})
+    rank, world = 0, 1
+    try:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        in_ray = True
+    except Exception:  # not under Ray Train
+        in_ray = False
+    torch.set_num_threads(cfg.threads or max(1, math.ceil(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rt = load_runtime(Path(cfg.model) if cfg.model else None, cfg.tree_config(), adapter=NO_ADAPTER)
+    if cfg.use_gpu and torch.cuda.is_available():
+        rt.model.to(f"cuda:{torch.cuda.current_device()}")
+    decoder = rt.decoder
+    resume = latest_checkpoint(out)
+    if resume is not None:
+        decoder = load_adapter(rt.model, resume, rt.weights_digest)
+    elif cfg.init_adapter:
+        decoder = load_adapter(rt.model, Path(cfg.init_adapter), rt.weights_digest)
+    decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
+    decoder.train()
+    for p in rt.model.parameters():
+        p.requires_grad_(False)
+    named = [(n, p) for n, p in decoder.cross_attn.named_parameters()]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume is not None:
+        load_optimizer(opt, names, resume / "optimizer.safetensors")
+        start = json.loads((resume / "state.json").read_text())["step"]
+    end_id = rt.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in rt.tokenizer.get_vocab() \
+        else rt.tokenizer.eos_token_id
+    pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
+    chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
+    train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
+                                       cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks) for split in ("train", "heldout"))
+    prose, eval_prose = [], []
+    if cfg.prose_fraction > 0:
+        base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no context: the base model
+
+        def prose_set(pool: ChunkPool, count: int) -> list:
+            n_needles = round(count * cfg.prose_needles)
+            picked = prose_chunks(count - n_needles, pool.n_haystack_chunks, cfg.seed)
+            # needle chunks of their own (an index range lookups never reach)
+            needles = [PROSE_NEEDLES + k for k in range(n_needles)]
+            L = cfg.chunk_len
+            name = f"prose-{pool.haystack.split}-{cfg.seed}-{count}-{pool.n_haystack_chunks}"
+            path = chunks.dir / (name + (f"-needles{n_needles}" if n_needles else "") + ".json")
+            t0 = time.perf_counter()
+
+            def make() -> list:
+                plain = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, picked,
+                                            [pool.haystack.tokens[i * L:(i + 1) * L] for i in picked],
+                                            pool.haystack.split, cfg.seed)
+                with_facts = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, needles,
+                                                 [pool.needle_chunk(i)[0].tokens.tolist() for i in needles],
+                                                 pool.haystack.split, cfg.seed + 1)
+                return plain + [dataclasses.replace(e, needle=True) for e in with_facts]
+
+            made = load_or_make(path, make)
+            if rank == 0:
+                print(f"[train] {len(made)} {pool.haystack.split} prose examples ({path.name}, "
+                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
+            return made
+
+        prose, eval_prose = prose_set(train_pool, cfg.prose_examples), prose_set(eval_pool, 8)
+    n_params = sum(p.numel() for p in params)
+    if rank == 0:
+        print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.last_step} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
+              f"workers; resume from {resume or 'scratch'}", flush=True)
+
+    def evaluate() -> dict:
+        """Held-out questions over one-chunk documents, searched and (as a bound) oracle-routed."""
+        decoder.eval()
+        out = {}
+        for mode in ("search", "oracle"):
+            examples = []
+            for k in range(cfg.eval_chunks):
+                tree, facts, questions, positions = eval_pool.needle_chunk(k)
+                examples += [Example(trees=[tree], question=q, target=f.value, answer_at=[(0, p)],
+                                     oracle=mode == "oracle") for f, q, p in zip(facts, questions, positions)]
+            tot = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0}
+            with torch.no_grad():
+                for i in range(0, len(examples), cfg.batch):
+                    batch = examples[i:i + cfg.batch]
+                    r = answer_step(decoder, rt.tokenizer, end_id, batch)
+                    tot["loss"] += float(r.loss) * len(batch)  # r.loss is a mean over examples
+                    tot["tokens"] += r.tokens
+                    tot["correct"] += r.correct_tokens
+                    tot["exact"] += r.exact
+            out.update({f"eval_{mode}_loss": tot["loss"] / len(examples),
+                        f"eval_{mode}_token_acc": tot["correct"] / tot["tokens"],
+                        f"eval_{mode}_exact": tot["exact"] / len(examples)})
+        if eval_prose:  # does it still answer in prose? (the base model's answers, teacher-forced)
+            examples = [Example(trees=[prose_tree(eval_pool, p)], question=p.question, target=p.answer)
+                        for p in eval_prose]
+            with torch.no_grad():
+                r = answer_step(decoder, rt.tokenizer, end_id, examples)
+            out.update({"eval_prose_loss": float(r.loss), "eval_prose_token_acc": r.correct_tokens / r.tokens})
+        decoder.train()
+        return out
+
+    log = (out / LOG).open("a") if rank == 0 else None
+    if start == 0:  # the starting point, for the record: where the loss curve is judged from
+        initial = {"step": 0, **evaluate()}
+        if rank == 0:
+            log.write(json.dumps({"time": time.time(), **initial}) + "\n")
+            log.flush()
+            print("[train] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in initial.items()), flush=True)
+    window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
+    metrics: dict = {}
+    last = cfg.last_step
+    for step in range(start, last):
+        lr = learning_rate(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        max_chunks = curriculum_chunks(step, cfg.max_chunks, cfg.ramp_steps)
+        examples = [make_example(train_pool, _step_rng(cfg, step, rank, row), cfg.pool_size, max_chunks,
+                                 cfg.spread_fraction, cfg.oracle_fraction, ((step * world) + rank) * cfg.batch + row,
+                                 prose, cfg.prose_fraction)
+                    for row in range(cfg.batch)]
+        r = answer_step(decoder, rt.tokenizer, end_id, examples)
+        opt.zero_grad(set_to_none=True)
+        r.loss.backward()
+        if world > 1 and dist.is_initialized():
+            for p in params:  # average the adapter's gradients; the frozen base needs none
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        window["loss"] += float(r.loss.detach()) * len(examples)
+        window["tokens"] += r.tokens
+        window["correct"] += r.correct_tokens
+        window["exact"] += r.exact
+        window["rows"] += len(examples)
+        done = step + 1
+        metrics = {}
+        if done % cfg.log_every == 0 or done == last:
+            dt = time.perf_counter() - window["t"]
+            metrics = {"step": done, "loss": window["loss"] / window["rows"],
+                       "token_acc": window["correct"] / window["tokens"], "exact": window["exact"] / window["rows"],
+                       "lr": lr, "max_chunks": max_chunks, "s_per_step": dt / max(1, window["rows"] / cfg.batch),
+                       "chunks_built": train_pool.built}
+            window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
+        if done % cfg.eval_every == 0 or done == last:
+            metrics.update({"step": done, **evaluate()})
+        checkpoint_dir = None
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == last):
+            checkpoint_dir = _write_checkpoint(out, done, decoder, opt, names, rt.weights_digest, cfg, metrics)
+        if rank == 0 and metrics:
+            log.write(json.dumps({"time": time.time(), **metrics}) + "\n")
+            log.flush()
+            print("[train] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in metrics.items()), flush=True)
+        if in_ray and (metrics or checkpoint_dir is not None):
+            import ray.train
+
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            ray.train.report(metrics or {"step": done}, checkpoint=ckpt)
+    if rank == 0:
+        final = latest_checkpoint(out)
+        adapter_out = out / ADAPTER_DIR
+        tmp = out / ".tmp-adapter"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ("adapter.safetensors", "adapter.json"):
+            shutil.copy2(final / name, tmp / name)
+        shutil.rmtree(adapter_out, ignore_errors=True)
+        os.replace(tmp, adapter_out)
+        print(f"[train] adapter written to {adapter_out}", flush=True)
+        log.close()
+
+
+def run(cfg: TrainConfig, address: str | None = None) -> Path:
+    """Run training on Ray Train; returns the adapter directory."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ctxtree.pipelines.ray_compat import init_ray
+
+    out = Path(cfg.out).resolve()
+    cfg = dataclasses.replace(cfg, out=str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    # The recipe is fixed for the life of a run directory: resuming with another one
+    # would silently train a different model.
+    recipe_path = out / "recipe.json"
+    if recipe_path.is_file():
+        old = json.loads(recipe_path.read_text())
+        if old != json.loads(json.dumps(cfg.recipe())):
+            changed = sorted(k for k in set(old) | set(cfg.recipe()) if old.get(k) != json.loads(
+                json.dumps(cfg.recipe())).get(k))
+            raise ValueError(f"{out} holds a run with another recipe (differs in: {', '.join(changed)}); "
+                             "use a new --out")
+    else:
+        recipe_path.write_text(json.dumps(cfg.recipe(), indent=1, sort_keys=True))
+    # Workers run in Ray's own working directory: relative paths are the caller's.
+    local = {name: str(Path(getattr(cfg, name)).resolve()) for name in ("model", "init_adapter", "pool_dir")
+             if getattr(cfg, name)}
+    if cfg.init_adapter and not (Path(local["init_adapter"]) / "adapter.json").is_file():
+        raise ValueError(f"--init-adapter {cfg.init_adapter}: not an adapter directory (no adapter.json)")
+    init_ray(address, dashboard=True)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dataclasses.asdict(dataclasses.replace(cfg, **local)),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name="train", storage_path=str(out / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=2)),
+    )
+    trainer.fit()
+    return out / ADAPTER_DIR
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = TrainConfig(out="")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, adapter/)")
+    p.add_argument("--model", default=None, help="HF checkpoint directory or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--init-adapter", default=None, help="start a new run from these injection weights")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("out", "model", "init_adapter", "digits", "use_gpu"):
+            continue
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)) if getattr(
+            defaults, f.name) is not None else str, default=getattr(defaults, f.name))
+    p.add_argument("--digits", default=f"{defaults.digits[0]}-{defaults.digits[1]}",
+                   help="answer value length range, e.g. 2-6")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m ctxtree.pipelines.train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        lo, _, hi = args.digits.partition("-")
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "digits"}
+        cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)))
+        adapter = run(cfg, args.address)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"adapter: {adapter}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

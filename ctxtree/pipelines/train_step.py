@@ -1,0 +1,184 @@
+"""One training step of the injection weights (method.md §6), framework-free.
+
+Objective: next-token cross-entropy on the answer tokens (answer + end of turn), given
+the chat prompt of the question and the injected nodes of the example's documents.
+The compressor and the base model are frozen; the routing query is the question's last
+token, never an answer token, exactly as at serving time (ctxtree/answer.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ctxtree.prompt import question_prompt, question_tokens
+from ctxtree.kernels.compressor import query_vector, route_query
+from ctxtree.kernels.generate import left_pad
+from ctxtree.kernels.inject import InjectionDecoder, batch_context
+from ctxtree.kernels.tree import ContextTree, node_spans, search_documents
+from ctxtree.pipelines.chunk_pool import ChunkPool, assemble
+from ctxtree.pipelines.data import pair_question
+from ctxtree.pipelines.prose import ProseExample, prose_tree
+
+
+@dataclass
+class Example:
+    trees: list[ContextTree]   # one per document, in request order
+    question: str
+    target: str                # e.g. "48213" or "48213 and 907"
+    # per document: (chunk, token offset in that chunk) of an answer value, or None
+    answer_at: list[tuple[int, int] | None] | None = None
+    oracle: bool = False       # route to the answer's nodes instead of searching
+
+
+@dataclass
+class StepResult:
+    loss: Tensor               # mean over examples of the mean over their answer tokens (has grad)
+    tokens: int
+    correct_tokens: int        # teacher-forced argmax hits
+    exact: int                 # rows whose every answer token is the argmax
+
+
+def curriculum_chunks(step: int, max_chunks: int, ramp_steps: int) -> int:
+    """Most chunks per document at `step`: 1 at the start, max_chunks after ramp_steps."""
+    if ramp_steps <= 0:
+        return max_chunks
+    return min(max_chunks, 1 + (max_chunks - 1) * step // ramp_steps)
+
+
+def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks: int,
+                 spread_fraction: float, oracle_fraction: float = 0.0, serial: int = 0,
+                 prose: list[ProseExample] | None = None, prose_fraction: float = 0.0) -> Example:
+    """A training question: a needle chunk among haystack chunks, one of its facts asked; or
+    (spread) two documents with a needle chunk each and both facts asked at once; or
+    (prose_fraction of them) a question about one passage with the base model's own answer.
+
+    pool_size 0 means fresh needles: example number `serial` asks fact serial % F of needle
+    chunk serial // F (F facts per chunk), so no fact is ever asked twice and nothing can
+    be learnt by heart (a small pool is memorised within a few hundred steps)."""
+    n_hay = pool.n_haystack_chunks
+    if prose and prose_fraction > 0 and rng.random() < prose_fraction:
+        # one-chunk documents: the answer is about this passage, so search must keep it
+        p = prose[rng.randrange(len(prose))]
+        return Example(trees=[prose_tree(pool, p)], question=p.question, target=p.answer)
+
+    def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
+        chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]
+        at = rng.randrange(n_chunks)
+        chunks.insert(at, needle)
+        return assemble(chunks), at
+
+    oracle = rng.random() < oracle_fraction
+    if rng.random() < spread_fraction:
+        (ta, fa, qa, pa), (tb, fb, qb, pb) = (pool.needle_chunk(k) for k in rng.sample(range(pool_size), 2))
+        ia, ib = rng.randrange(len(fa)), rng.randrange(len(fb))
+        per_doc = max(1, max_chunks // 2)
+        (da, ca), (db, cb) = document(ta, rng.randint(1, per_doc)), document(tb, rng.randint(1, per_doc))
+        question = pair_question(rng, pool.haystack.split, fa[ia], fb[ib], qa[ia], qb[ib])
+        return Example(trees=[da, db], question=question, target=f"{fa[ia].value} and {fb[ib].value}",
+                       answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle)
+    if pool_size == 0:
+        tree, facts, questions, positions = pool.needle_chunk(serial // pool.facts_per_chunk)
+        i = serial % pool.facts_per_chunk
+    else:
+        tree, facts, questions, positions = pool.needle_chunk(rng.randrange(pool_size))
+        i = rng.randrange(len(facts))
+    doc, c = document(tree, rng.randint(1, max_chunks))
+    return Example(trees=[doc], question=questions[i], target=facts[i].value, answer_at=[(c, positions[i])],
+                   oracle=oracle)
+
+
+def route_to(selection: Tensor, tree: ContextTree, chunk: int, offset: int) -> Tensor:
+    """`selection` [C, h+1] with chunk `chunk`'s path replaced by the one that descends to
+    token `offset`: the answer then sits in a finest-level node (oracle routing), and the
+    chunk is injected even where chunk selection left it out."""
+    spans = node_spans(tree.chunk_lengths[chunk], tree.config.height)
+    node, path = 0, []
+    for _ in range(1, tree.config.height):
+        left, right = 2 * node + 1, 2 * node + 2
+        go_left = offset < spans[left][1]
+        path.append(right if go_left else left)
+        node = left if go_left else right
+    path += [2 * node + 1, 2 * node + 2]
+    out = selection.clone()
+    out[chunk] = torch.tensor(path)
+    return out
+
+
+def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: list[Example],
+                policy: str = "query") -> StepResult:
+    """Teacher-forced loss on the answer tokens of a batch of examples, searched as at
+    serving time (decoder.top_chunks chunks kept)."""
+    model = decoder.base
+    rows, query_at, n_answer = [], [], []
+    for ex in examples:
+        prompt, q = question_prompt(tokenizer, ex.question)
+        answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [end_id]
+        rows.append(prompt + answer)
+        query_at.append(q)
+        n_answer.append(len(answer))
+    batch = left_pad(rows, device=model.device)
+    t = batch.input_ids.shape[1]
+    query_index = torch.tensor([q + t - len(r) for q, r in zip(query_at, rows)])
+    # routing queries see the question only: the answer is to the right of query_index and
+    # attention is causal, so running the whole row gives the same h0 there
+    with torch.no_grad():
+        queries = query_vector(model, batch.input_ids, batch.positions, batch.token_valid, query_index)  # [B,D]
+    per_request = []
+    for row, ex in enumerate(examples):
+        route = route_query(model, queries[row], question_tokens(tokenizer, ex.question))
+        selections = search_documents(ex.trees, route, policy, decoder.top_chunks)
+        if ex.oracle and ex.answer_at:
+            selections = [sel if at is None else route_to(sel, tree, *at)
+                          for sel, tree, at in zip(selections, ex.trees, ex.answer_at)]
+        per_request.append(decoder.request_kv(ex.trees, selections))
+    context = batch_context(per_request)
+
+    def inject(i: int, h: Tensor) -> Tensor:
+        if i >= decoder.n_layers:
+            return h
+        return h + decoder.cross_attn[i](h, context.keys[i], context.values[i], context.valid)
+
+    h = model.hidden_states(batch.input_ids, batch.positions, batch.token_valid, layer_hook=inject)  # [B,T,D]
+    # logits only where an answer token is predicted: the LM head is a fifth of the model
+    rows_idx = torch.cat([torch.full((n,), b) for b, n in enumerate(n_answer)])
+    pred_pos = torch.cat([torch.arange(t - n - 1, t - 1) for n in n_answer])
+    labels = batch.input_ids[rows_idx, pred_pos + 1]
+    logits = model.lm_head(model.norm(h[rows_idx, pred_pos])).float()  # [N,V]
+    # every example weighs the same, however long its answer: a 40-token prose answer
+    # must not outweigh ten 4-token values
+    per_token = F.cross_entropy(logits, labels, reduction="none")  # [N]
+    loss = torch.stack([t.mean() for t in torch.split(per_token, n_answer)]).mean()
+    hits = (logits.argmax(-1) == labels).cpu()
+    per_row = torch.split(hits, n_answer)
+    return StepResult(loss=loss, tokens=len(labels), correct_tokens=int(hits.sum()),
+                      exact=sum(int(r.all()) for r in per_row))
+
+
+# ---- optimizer state as safetensors (checkpoints are never pickled) --------------------
+
+def save_optimizer(opt: torch.optim.AdamW, names: list[str], path) -> None:
+    params = [p for group in opt.param_groups for p in group["params"]]
+    tensors = {}
+    for name, p in zip(names, params):
+        state = opt.state.get(p)
+        if state:
+            tensors[f"{name}.exp_avg"] = state["exp_avg"].contiguous()
+            tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].contiguous()
+            tensors[f"{name}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    save_file(tensors, str(path))
+
+
+def load_optimizer(opt: torch.optim.AdamW, names: list[str], path) -> None:
+    tensors = load_file(str(path))
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for name, p in zip(names, params):
+        if f"{name}.exp_avg" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"{name}.exp_avg"].to(p.device),
+                            "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(p.device),
+                            "step": tensors[f"{name}.step"].reshape(()).clone()}

@@ -1,0 +1,85 @@
+"""What the HTTP ingress and a decoder replica say to each other, as plain typed values.
+
+Domain errors cross the process boundary as a `Failure` (status, code, message) made
+in the replica by `failure_of`, the one mapping from errors to HTTP, so the ingress
+never depends on exception classes surviving transport. Every reply carries the
+replica's `ReplicaStats`, which is how the ingress's /metrics sees every replica's tree
+cache. `routing_key` is the multiplexing id that sends a document to the replica that
+already holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from ctxtree.store import Corrupt, FingerprintMismatch, NotFound, StoreError
+from ctxtree.kernels.generate import SamplingConfig
+
+ROUTING_KEY_PREFIX = "doc-"
+
+
+class RequestTooLarge(StoreError):
+    """More documents, question tokens or answer tokens than this replica accepts."""
+
+
+class Overloaded(RuntimeError):
+    """The decoder's bounded queue is full (Serve's back pressure)."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    code: str
+    message: str
+
+
+def failure_of(e: Exception) -> Failure:
+    """The one mapping from domain errors to HTTP status and stable code."""
+    from ctxtree.serve.tree_cache import TooLarge
+
+    if isinstance(e, NotFound):
+        status, code = 404, "document_not_found"
+    elif isinstance(e, FingerprintMismatch):
+        status, code = 409, "fingerprint_mismatch"
+    elif isinstance(e, (RequestTooLarge, TooLarge)):
+        status, code = 413, "request_too_large"
+    elif isinstance(e, Overloaded):
+        status, code = 503, "overloaded"
+    elif isinstance(e, Corrupt):
+        status, code = 500, "corrupt_tree_object"
+    elif isinstance(e, ValueError):
+        status, code = 422, "invalid_request"
+    else:
+        status, code = 500, "internal_error"
+    return Failure(status, code, str(e) or type(e).__name__)
+
+
+@dataclass(frozen=True)
+class AnswerRequest:
+    documents: list[str]
+    question: str
+    sampling: SamplingConfig
+    seed: int = 0
+    policy: str = "query"
+
+
+@dataclass
+class ReplicaStats:
+    """A replica's tree-cache counters at the moment of a reply (cumulative, except
+    load_ms: the load times recorded since its previous reply, each sent once)."""
+    replica: str
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    load_errors: int = 0
+    bytes: int = 0
+    budget_bytes: int = 0
+    load_ms: list[float] = field(default_factory=list)
+
+
+def routing_key(doc_id: str) -> str:
+    """The multiplexed model id for a document: a sha256 of its id, so keys are the same
+    in every process (never Python's seeded hash()) and document ids stay out of Serve's
+    own logs and metric labels."""
+    return ROUTING_KEY_PREFIX + hashlib.sha256(doc_id.encode()).hexdigest()[:24]
