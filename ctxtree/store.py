@@ -17,6 +17,7 @@ into keys, so no id can address an object outside the store.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,11 +36,19 @@ MANIFEST_VERSION = 1
 
 
 class StoreError(Exception):
-    """Base of the store's errors."""
+    """Base of the store's errors. `doc_id` names the document being read when the error
+    met it (set by TreeStore.manifest and load_tree), so a server can report the document
+    and the kind of problem without the object's location (ctxtree/serve/protocol.py)."""
+
+    doc_id: str | None = None
 
 
 class NotFound(StoreError):
     pass
+
+
+class UnknownDocument(NotFound):
+    """No id pointer: the document id was never committed to this store."""
 
 
 class Corrupt(StoreError):
@@ -48,6 +57,17 @@ class Corrupt(StoreError):
 
 class FingerprintMismatch(StoreError):
     """The document was compressed under another model fingerprint."""
+
+
+@contextlib.contextmanager
+def _about(doc_id: str):
+    """Tag a StoreError raised inside with the document being read."""
+    try:
+        yield
+    except StoreError as e:
+        if e.doc_id is None:
+            e.doc_id = doc_id
+        raise
 
 
 def document_key(text: str, fingerprint: str) -> str:
@@ -260,12 +280,16 @@ class TreeStore:
     def manifest(self, doc_id: str, fingerprint: str | None = None) -> Manifest:
         """The committed manifest of a document id; FingerprintMismatch if it was built
         under another fingerprint than the one given."""
+        with _about(doc_id):
+            return self._manifest(doc_id, fingerprint)
+
+    def _manifest(self, doc_id: str, fingerprint: str | None) -> Manifest:
         name = self.id_key(doc_id)
         try:
             pointer = json.loads(self.objects.get(name))
             key, fp = pointer["key"], pointer["fingerprint"]
         except NotFound:
-            raise NotFound(f"unknown document {doc_id!r}") from None
+            raise UnknownDocument(f"unknown document {doc_id!r}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise Corrupt(f"{name}: malformed id pointer: {e}") from e
         if fingerprint is not None and fp != fingerprint:
@@ -283,6 +307,10 @@ class TreeStore:
 
     def load_tree(self, manifest: Manifest) -> ContextTree:
         """All shards of a committed document, checksums verified against the manifest."""
+        with _about(manifest.doc_id):
+            return self._load_tree(manifest)
+
+    def _load_tree(self, manifest: Manifest) -> ContextTree:
         parts = []
         for s in manifest.shards:
             data = self.objects.get(s.name)

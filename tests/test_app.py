@@ -4,6 +4,7 @@ FastAPI's TestClient and the official openai client, unchanged."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,3 +106,33 @@ def test_bearer_token_when_configured(service):
         assert c.post("/v1/query", json=body, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.post("/v1/query", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert c.get("/healthz").status_code == 200
+
+
+def test_errors_name_the_document_and_the_problem_never_a_server_path(service, client):
+    """A damaged store is refused, and the body says which document and what kind of
+    problem, without the store's location (the replica's log has that)."""
+    store, root = service.store, service.store.objects.root
+    damaged = {"damaged/missing-shard.txt": "missing", "damaged/flipped-shard.txt": "flip"}
+    for i, (doc_id, harm) in enumerate(damaged.items()):
+        compress_document(service.rt, store, doc_id, TEXT[:1500] + f"\nCopy {i}.", CompressSettings())
+        shard = Path(root) / store.manifest(doc_id).shards[0].name
+        if harm == "missing":
+            shard.unlink()
+        else:
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            shard.write_bytes(bytes(data))
+    expected = {"damaged/missing-shard.txt": (404, "document_not_found", "missing"),
+                "damaged/flipped-shard.txt": (500, "corrupt_tree_object", "corrupt")}
+    for doc_id, (status, code, word) in expected.items():
+        for r in (client.post("/v1/query", json={"documents": [doc_id], "question": "Who?", "max_tokens": 2}),
+                  client.post("/v1/prewarm", json={"documents": [doc_id]})):
+            assert r.status_code == status, r.text
+            error = r.json()["error"]
+            assert error["code"] == code and doc_id in error["message"] and word in error["message"]
+            for secret in (str(root), str(Path(root).parent), ".ctt", "/tmp", "trees/"):
+                assert secret not in r.text, f"{secret!r} leaked in {r.text}"
+    unknown = client.post("/v1/query", json={"documents": ["/etc/hostname"], "question": "x"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "unknown document '/etc/hostname'"
+    ok = client.post("/v1/query", json={"documents": ["contracts/gpl.txt"], "question": "Who?", "max_tokens": 2})
+    assert ok.status_code == 200

@@ -11,12 +11,14 @@ already holds it.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
 
-from ctxtree.store import Corrupt, FingerprintMismatch, NotFound, StoreError
+from ctxtree.store import Corrupt, FingerprintMismatch, NotFound, StoreError, UnknownDocument
 from ctxtree.kernels.generate import SamplingConfig
 
 ROUTING_KEY_PREFIX = "doc-"
+log = logging.getLogger("ctxtree.serve")
 
 
 class RequestTooLarge(StoreError):
@@ -35,24 +37,37 @@ class Failure:
 
 
 def failure_of(e: Exception) -> Failure:
-    """The one mapping from domain errors to HTTP status and stable code."""
+    """The one mapping from domain errors to HTTP status, stable code and the message a
+    client sees. Messages name the document and the kind of problem, never where an
+    object lives (a server path, a bucket) or what an unexpected error said: that detail
+    goes to this process's log."""
     from ctxtree.serve.tree_cache import TooLarge
 
-    if isinstance(e, NotFound):
+    detail = str(e) or type(e).__name__
+    about = f"document {e.doc_id!r}: " if isinstance(e, StoreError) and e.doc_id is not None else ""
+    if isinstance(e, UnknownDocument):
+        status, code, message = 404, "document_not_found", detail
+    elif isinstance(e, NotFound):
         status, code = 404, "document_not_found"
+        message = f"{about}an object of its stored trees is missing from the store"
     elif isinstance(e, FingerprintMismatch):
-        status, code = 409, "fingerprint_mismatch"
+        status, code, message = 409, "fingerprint_mismatch", detail
     elif isinstance(e, (RequestTooLarge, TooLarge)):
-        status, code = 413, "request_too_large"
+        status, code, message = 413, "request_too_large", detail
     elif isinstance(e, Overloaded):
-        status, code = 503, "overloaded"
+        status, code, message = 503, "overloaded", "the decoder queue is full, retry later"
     elif isinstance(e, Corrupt):
         status, code = 500, "corrupt_tree_object"
+        message = f"{about}its stored trees are corrupt or do not match their manifest; recompress it"
+    elif isinstance(e, StoreError):
+        status, code, message = 500, "store_error", f"{about}the tree store failed to answer"
     elif isinstance(e, ValueError):
-        status, code = 422, "invalid_request"
+        status, code, message = 422, "invalid_request", detail
     else:
-        status, code = 500, "internal_error"
-    return Failure(status, code, str(e) or type(e).__name__)
+        status, code, message = 500, "internal_error", "internal error (the server log has the details)"
+    if message != detail:
+        log.warning("%s %s: %s", status, code, detail, exc_info=e if code == "internal_error" else None)
+    return Failure(status, code, message)
 
 
 @dataclass(frozen=True)
