@@ -136,3 +136,61 @@ def test_errors_name_the_document_and_the_problem_never_a_server_path(service, c
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "unknown document '/etc/hostname'"
     ok = client.post("/v1/query", json={"documents": ["contracts/gpl.txt"], "question": "Who?", "max_tokens": 2})
     assert ok.status_code == 200
+
+
+def test_openai_client_parameters_are_honoured_or_refused(client):
+    """What the official client sends: text parts, stop, max_completion_tokens, seed, user,
+    stream_options; n > 1, another model's name and unsupported features are refused."""
+    import openai
+
+    oa = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client)
+    model = oa.models.list().data[0].id
+    docs = {"documents": ["contracts/gpl.txt"]}
+    question = "What is this license about?"
+    base = dict(model=model, max_completion_tokens=16, seed=3, user="someone", extra_body=docs)
+
+    plain = oa.chat.completions.create(messages=[{"role": "user", "content": question}], **base)
+    text = plain.choices[0].message.content
+    parts = oa.chat.completions.create(messages=[{"role": "user", "content": [{"type": "text", "text": question}]}],
+                                       **base)
+    assert parts.choices[0].message.content == text and plain.usage.completion_tokens <= 16
+
+    # stop: the answer ends right before the first stop sequence, streamed or not
+    assert len(text.strip()) >= 2, text
+    stop = text.strip()[len(text.strip()) // 2:]   # the answer's second half
+    stopped = oa.chat.completions.create(messages=[{"role": "user", "content": question}], stop=[stop], **base)
+    assert stopped.choices[0].message.content == text[:text.index(stop)].strip()
+    assert stopped.choices[0].finish_reason == "stop"
+    streamed = list(oa.chat.completions.create(messages=[{"role": "user", "content": question}], stop=stop,
+                                               stream=True, stream_options={"include_usage": True}, **base))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == \
+        stopped.choices[0].message.content
+    assert streamed[-1].choices == [] and streamed[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "stop"
+    no_usage = list(oa.chat.completions.create(messages=[{"role": "user", "content": question}], stream=True, **base))
+    assert all(c.choices for c in no_usage) and no_usage[-1].choices[0].finish_reason in ("stop", "length")
+
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(messages=[{"role": "user", "content": question}], n=2, **base)
+    assert e.value.code == "unsupported_parameter" and "n = 2" in e.value.message
+    for refused in (dict(logprobs=True), dict(response_format={"type": "json_object"}),
+                    dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])):
+        with pytest.raises(openai.BadRequestError):
+            oa.chat.completions.create(messages=[{"role": "user", "content": question}], **base, **refused)
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1/x.png"}}]}], **base)
+    with pytest.raises(openai.NotFoundError) as e:
+        oa.chat.completions.create(messages=[{"role": "user", "content": question}], **{**base, "model": "gpt-4o"})
+    assert e.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(messages=[{"role": "user", "content": question}], stream=True,
+                                   **{**base, "model": "gpt-4o"})
+
+
+def test_operator_configured_model_alias(service):
+    with TestClient(build_app(service, api_token="", model_aliases=("my-docs-model",))) as c:
+        body = {"model": "my-docs-model", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 2,
+                "documents": ["contracts/gpl.txt"]}
+        assert c.post("/v1/chat/completions", json=body).status_code == 200
+        assert c.post("/v1/chat/completions", json={**body, "model": "gpt-4o"}).status_code == 404

@@ -29,6 +29,7 @@ from ctxtree.serve.protocol import AnswerRequest, Failure, failure_of
 from ctxtree.serve.service import AnswerEnd, DecoderService
 
 API_TOKEN_ENV = "CTXTREE_API_TOKEN"
+MODEL_ALIASES_ENV = "CTXTREE_MODEL_ALIASES"   # comma-separated names also answered as our model
 
 
 class QueryRequest(BaseModel):
@@ -40,16 +41,26 @@ class QueryRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
     policy: Literal["query", "vector", "right"] = "query"
+    stop: str | list[str] | None = None
     stream: bool = False
+
+
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart] | None = None   # a string, or parts as many clients send
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     documents: list[str] = Field(default_factory=list)   # extra body field: the context
@@ -58,7 +69,53 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
+    stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Accepted only at values that change nothing; anything else is a 400 that says so,
+    # never silently ignored.
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+
+
+MAX_STOP_SEQUENCES = 4   # as OpenAI's API
+
+
+def message_text(message: ChatMessage, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise Unsupported(f"messages[{index}].content: only text parts are supported, got {part.type!r}")
+    return "".join(part.text for part in message.content)
+
+
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
+        raise ValueError(f"stop: up to {MAX_STOP_SEQUENCES} non-empty sequences")
+    return stops
+
+
+def refuse_unsupported(body: ChatRequest) -> None:
+    """A 400 for every parameter we would otherwise have to ignore."""
+    if body.n not in (None, 1):
+        raise Unsupported(f"n = {body.n}: one choice per request is supported; send n = 1 (or several requests)")
+    if body.logprobs or body.top_logprobs:
+        raise Unsupported("logprobs are not supported")
+    if body.tools or body.functions:
+        raise Unsupported("tools and function calling are not supported")
+    if body.response_format and body.response_format.get("type") not in (None, "text"):
+        raise Unsupported(f"response_format {body.response_format.get('type')!r}: only 'text' is supported")
+    if body.presence_penalty or body.frequency_penalty or body.logit_bias:
+        raise Unsupported("presence_penalty, frequency_penalty and logit_bias are not supported")
 
 
 class DocumentsRequest(BaseModel):
@@ -66,7 +123,19 @@ class DocumentsRequest(BaseModel):
     documents: list[str] = Field(min_length=1)
 
 
+class Unsupported(Exception):
+    """A valid OpenAI parameter this server does not implement: 400, never ignored."""
+
+
+class UnknownModel(Exception):
+    pass
+
+
 def error_response(e: Exception | Failure) -> JSONResponse:
+    if isinstance(e, Unsupported):
+        e = Failure(400, "unsupported_parameter", str(e))
+    elif isinstance(e, UnknownModel):
+        e = Failure(404, "model_not_found", str(e))
     f = e if isinstance(e, Failure) else failure_of(e)
     kind = "invalid_request_error" if f.status < 500 else "server_error"
     return JSONResponse({"error": {"message": f.message, "type": kind, "code": f.code}}, status_code=f.status)
@@ -84,12 +153,15 @@ def sse(payload: dict | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
 
-def build_app(backend: Backend | DecoderService, api_token: str | None = None) -> FastAPI:
+def build_app(backend: Backend | DecoderService, api_token: str | None = None,
+              model_aliases: tuple[str, ...] | None = None) -> FastAPI:
     if isinstance(backend, DecoderService):
         backend = LocalBackend(backend)
     app = FastAPI(title="ctxtree", version="0.1.0")
     metrics = Metrics(backend)
     token = api_token if api_token is not None else os.environ.get(API_TOKEN_ENV) or None
+    aliases = model_aliases if model_aliases is not None else \
+        tuple(a.strip() for a in os.environ.get(MODEL_ALIASES_ENV, "").split(",") if a.strip())
 
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
@@ -164,7 +236,7 @@ def build_app(backend: Backend | DecoderService, api_token: str | None = None) -
         try:
             sampling = SamplingConfig(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p)
             first, stream = await start(AnswerRequest(body.documents, body.question, sampling, body.seed,
-                                                      body.policy))
+                                                      body.policy, stop_sequences(body.stop)))
         except Failed as e:
             return error_response(e.failure)
         except Exception as e:
@@ -181,35 +253,50 @@ def build_app(backend: Backend | DecoderService, api_token: str | None = None) -
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        question = next((m.content for m in reversed(body.messages) if m.role == "user"), None)
-        if question is None:
-            return error_response(ValueError("messages: no user message to answer"))
-        max_tokens = body.max_completion_tokens or body.max_tokens or 128
-        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         try:
+            refuse_unsupported(body)
+            texts = [(m.role, message_text(m, i)) for i, m in enumerate(body.messages)]
+            question = next((text for role, text in reversed(texts) if role == "user"), None)
+            if not question:
+                raise ValueError("messages: no user message to answer")
+            stop = stop_sequences(body.stop)
             model = (await backend.info()).name
+            if body.model is not None and body.model != model and body.model not in aliases:
+                raise UnknownModel(f"model {body.model!r} is not served here (GET /v1/models lists it)")
+            max_tokens = body.max_completion_tokens or body.max_tokens or 128
             sampling = SamplingConfig(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
-            first, stream = await start(AnswerRequest(body.documents, question, sampling, body.seed or 0, "query"))
+            first, stream = await start(AnswerRequest(body.documents, question, sampling, body.seed or 0, "query",
+                                                      stop))
         except Failed as e:
             return error_response(e.failure)
         except Exception as e:
             return error_response(e)
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def finish(end: AnswerEnd) -> str:
-            return "length" if end.completion_tokens >= max_tokens else "stop"
+        def usage(end: AnswerEnd) -> dict:
+            return summary(end)["usage"]
 
         def chunk(delta: dict, finish_reason: str | None = None) -> dict:
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            return {**out, "usage": None} if include_usage else out
+
+        def closing(end: AnswerEnd) -> list[dict]:
+            last = [chunk({}, end.finish_reason)]
+            if include_usage:  # OpenAI's shape: one more chunk, no choices, the usage
+                last.append({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                             "choices": [], "usage": usage(end)})
+            return last
 
         def completion(text: str, end: AnswerEnd) -> dict:
             return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish(end)}],
-                    "usage": summary(end)["usage"], "timings": summary(end)["timings"]}
+                                 "finish_reason": end.finish_reason}],
+                    "usage": usage(end), "timings": summary(end)["timings"]}
 
         return await respond(body.stream, first, stream, lambda piece: chunk({"role": "assistant", "content": piece}),
-                             lambda end: [chunk({}, finish(end))], completion)
+                             closing, completion)
 
     @app.get("/v1/models")
     async def models():

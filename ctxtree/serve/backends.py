@@ -38,7 +38,8 @@ class Backend(Protocol):
 
 async def answer_events(service: DecoderService, request: AnswerRequest, replica: str) -> AsyncIterator[Event]:
     """service.answer as Events: an error becomes a Failure item, and the stream ends there."""
-    stream = service.answer(request.documents, request.question, request.sampling, request.seed, request.policy)
+    stream = service.answer(request.documents, request.question, request.sampling, request.seed, request.policy,
+                            request.stop)
     try:
         async for item in stream:
             if isinstance(item, AnswerEnd):

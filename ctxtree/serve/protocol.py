@@ -77,6 +77,7 @@ class AnswerRequest:
     sampling: SamplingConfig
     seed: int = 0
     policy: str = "query"
+    stop: tuple[str, ...] = ()   # the answer ends before the first of these
 
 
 @dataclass

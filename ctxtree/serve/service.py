@@ -56,6 +56,13 @@ class AnswerEnd:
     timings: dict[str, float]
     selections: list[list[list[int]]]   # per document, per chunk: heap indices of injected nodes (all 0: none)
     replica: str = "local"              # which decoder replica answered (set by the Serve deployment)
+    finish_reason: str = "stop"         # OpenAI's: "stop" (end of answer or a stop sequence), "length"
+
+
+def first_stop(text: str, stop: tuple[str, ...]) -> int | None:
+    """Where the earliest stop sequence begins in text, or None."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
 
 
 class DecoderService:
@@ -85,10 +92,11 @@ class DecoderService:
             raise ValueError("a document is listed twice")
 
     async def answer(self, documents: list[str], question: str, sampling: SamplingConfig, seed: int = 0,
-                     policy: str = "query") -> AsyncIterator[str | AnswerEnd]:
+                     policy: str = "query", stop: tuple[str, ...] = ()) -> AsyncIterator[str | AnswerEnd]:
         """Yield the answer's text pieces, then one AnswerEnd. Errors are raised before the
         first piece (validation, documents, question), so a caller can answer with a
-        status code before it starts streaming."""
+        status code before it starts streaming. The answer ends before the first of the
+        `stop` sequences (not included), which also stops generating."""
         t0 = time.perf_counter()
         self._check(documents, sampling, policy)
         prompt, query_index = question_prompt(self.rt.tokenizer, question)
@@ -102,20 +110,35 @@ class DecoderService:
                              sampling=sampling, seed=seed, policy=policy)
         text = TextStream(self.rt.tokenizer)
         t_first = None
-        async for token in self.engine.stream(request):
-            if t_first is None:
-                t_first = time.perf_counter()
-            piece = text.push(token)
-            if piece:
-                yield piece
-        rest = text.flush()
-        if rest:
-            yield rest
+        # Text that might be the start of a stop sequence is held back until it is not.
+        held, hold, stopped = "", max((len(s) for s in stop), default=1) - 1, False
+        tokens = self.engine.stream(request)
+        try:
+            async for token in tokens:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                held += text.push(token)
+                cut = first_stop(held, stop)
+                if cut is not None:
+                    held, stopped = held[:cut], True
+                    break
+                if len(held) > hold:
+                    yield held[:len(held) - hold]
+                    held = held[len(held) - hold:]
+        finally:
+            await tokens.aclose()  # a stop sequence (or a consumer gone) stops generating
+        if not stopped:
+            held += text.flush()
+            cut = first_stop(held, stop)
+            held, stopped = (held, False) if cut is None else (held[:cut], True)
+        if held:
+            yield held
         t_end = time.perf_counter()
         t_first = t_first or t_end
         n = len(text.tokens)
         yield AnswerEnd(
             documents=documents, prompt_tokens=len(prompt), completion_tokens=n,
+            finish_reason="length" if n >= sampling.max_tokens and not stopped else "stop",
             selections=[s.tolist() for s in request.selections],
             timings={"load_ms": 1000 * (t_loaded - t0), "ttft_ms": 1000 * (t_first - t0),
                      "total_ms": 1000 * (t_end - t0),
