@@ -120,10 +120,19 @@ class Manifest:
                     n_tokens=int(doc["n_tokens"]), n_chunks=int(doc["n_chunks"]),
                     tree_config=doc["tree_config"], shards=shards)
             covered = [c for s in shards for c in range(int(s.chunk_start), int(s.chunk_end))]
+            chunk_len = int(m.tree_config["chunk_len"])
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise Corrupt(f"{name}: malformed manifest: {e}") from e
         if covered != list(range(m.n_chunks)):
             raise Corrupt(f"{name}: shards do not cover chunks 0..{m.n_chunks - 1} exactly once")
+        # Totals must fit the chunks: every chunk holds chunk_len tokens but the last.
+        if m.n_chunks < 1 or not (m.n_chunks - 1) * chunk_len < m.n_tokens <= m.n_chunks * chunk_len:
+            raise Corrupt(f"{name}: {m.n_tokens} tokens cannot fill {m.n_chunks} chunks of {chunk_len}")
+        # Shards are content-addressed under the document's key: a manifest cannot borrow
+        # another document's shards.
+        home = f"{m.fingerprint}/trees/{m.key[:2]}/{m.key}/"
+        if any(not s.name.startswith(home) or "/" in s.name[len(home):] for s in shards):
+            raise Corrupt(f"{name}: lists a shard that is not stored under its own key")
         return m
 
 
@@ -239,6 +248,12 @@ class TreeStore:
         return f"{fingerprint}/trees/{key[:2]}/{key}/{first_chunk:08d}-{digest[:16]}.ctt"
 
     @staticmethod
+    def binding_key(fingerprint: str, key: str, doc_id: str) -> str:
+        """The record that doc_id was committed to the trees `key`: a manifest's list of
+        ids, one object per id so that twins committing at once never overwrite each other."""
+        return f"{fingerprint}/bindings/{key[:2]}/{key}/{_id_hash(doc_id)}.json"
+
+    @staticmethod
     def id_key(doc_id: str) -> str:
         h = _id_hash(doc_id)
         return f"ids/{h[:2]}/{h}.json"
@@ -261,17 +276,32 @@ class TreeStore:
         self.point(manifest.doc_id, manifest.fingerprint, manifest.key)
 
     def point(self, doc_id: str, fingerprint: str, key: str) -> bool:
-        """Let doc_id name the committed trees `key` (identical texts share one copy).
-        Returns False, writing nothing, when it already does: a re-run is a no-op."""
-        pointer = json.dumps({"doc_id": doc_id, "key": key, "fingerprint": fingerprint}, sort_keys=True).encode()
-        name = self.id_key(doc_id)
+        """Let doc_id name the committed trees `key` (identical texts share one copy): the
+        binding of the id to the trees, then the id pointer. Returns False, writing
+        nothing, when both exist: a re-run is a no-op."""
+        binding = self._record({"doc_id": doc_id, "key": key})
+        pointer = self._record({"doc_id": doc_id, "key": key, "fingerprint": fingerprint})
+        wrote = False
+        for name, data in ((self.binding_key(fingerprint, key, doc_id), binding), (self.id_key(doc_id), pointer)):
+            try:
+                if self.objects.get(name) == data:
+                    continue
+            except NotFound:
+                pass
+            self.objects.put(name, data)
+            wrote = True
+        return wrote
+
+    @staticmethod
+    def _record(doc: dict) -> bytes:
+        return json.dumps(doc, sort_keys=True).encode()
+
+    def is_bound(self, fingerprint: str, key: str, doc_id: str) -> bool:
         try:
-            if self.objects.get(name) == pointer:
-                return False
+            return self.objects.get(self.binding_key(fingerprint, key, doc_id)) == \
+                self._record({"doc_id": doc_id, "key": key})
         except NotFound:
-            pass
-        self.objects.put(name, pointer)
-        return True
+            return False
 
     # ---- reading ---------------------------------------------------------------------
     def is_committed(self, fingerprint: str, key: str) -> bool:
@@ -287,16 +317,24 @@ class TreeStore:
         name = self.id_key(doc_id)
         try:
             pointer = json.loads(self.objects.get(name))
-            key, fp = pointer["key"], pointer["fingerprint"]
+            key, fp, named = pointer["key"], pointer["fingerprint"], pointer["doc_id"]
         except NotFound:
             raise UnknownDocument(f"unknown document {doc_id!r}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise Corrupt(f"{name}: malformed id pointer: {e}") from e
+        if named != doc_id:
+            raise Corrupt(f"{name}: the id pointer is for another document")
         if fingerprint is not None and fp != fingerprint:
             raise FingerprintMismatch(f"document {doc_id!r} was compressed under model fingerprint {fp[:16]}..., "
                                       f"this decoder has {fingerprint[:16]}...: recompress it with this model")
+        manifest = self.manifest_for_key(fp, key)
+        # The trees must have been committed for this id: by it (the manifest names it) or
+        # by a twin with the same text (a binding records it). Stores written before
+        # bindings existed: re-run compress over a twin's input to record its binding.
+        if manifest.doc_id != doc_id and not self.is_bound(fp, key, doc_id):
+            raise Corrupt(f"{name}: the id pointer names trees committed for another document")
         # The manifest belongs to the content key; report it under the id asked for.
-        return dataclasses.replace(self.manifest_for_key(fp, key), doc_id=doc_id)
+        return dataclasses.replace(manifest, doc_id=doc_id)
 
     def manifest_for_key(self, fingerprint: str, key: str) -> Manifest:
         name = self.manifest_key(fingerprint, key)
@@ -320,10 +358,19 @@ class TreeStore:
                 shard = decode_shard(data, s.name)
             except CorruptTreeError as e:
                 raise Corrupt(str(e)) from e
-            if shard.fingerprint != manifest.fingerprint or shard.tree.first_chunk != s.chunk_start:
+            # Every shard is bound to the document the manifest describes: its key,
+            # fingerprint, totals, tree settings and chunk range.
+            # (The header's doc_id field holds the document key: shards are shared by twins.)
+            header = (shard.doc_id, shard.fingerprint, shard.n_tokens, shard.n_chunks_total,
+                      shard.tree.config.to_dict(), shard.tree.first_chunk, shard.tree.first_chunk + shard.tree.n_chunks)
+            if header != (manifest.key, manifest.fingerprint, manifest.n_tokens, manifest.n_chunks,
+                          manifest.tree_config, s.chunk_start, s.chunk_end):
                 raise Corrupt(f"{s.name}: header does not match its manifest")
             parts.append(shard.tree)
-        return concat_trees(parts)
+        tree = concat_trees(parts)
+        if tree.n_tokens != manifest.n_tokens:
+            raise Corrupt(f"shards hold {tree.n_tokens} tokens, the manifest says {manifest.n_tokens}")
+        return tree
 
     def document_ids(self) -> Iterator[str]:
         for name in self.objects.list("ids"):

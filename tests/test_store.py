@@ -58,7 +58,7 @@ def tree(tiny_model):
 def write_document(store: TreeStore, doc_id: str, text: str, tree, max_shard_bytes=6000, commit=True) -> Manifest:
     key = document_key(text, FP)
     records = tuple(store.write_shard(key, s) for s in
-                    shard_tree(FP, doc_id, tree, tree.n_chunks, tree.n_tokens, max_shard_bytes))
+                    shard_tree(FP, key, tree, tree.n_chunks, tree.n_tokens, max_shard_bytes))
     manifest = Manifest(doc_id=doc_id, key=key, fingerprint=FP, n_tokens=tree.n_tokens, n_chunks=tree.n_chunks,
                         tree_config=tree.config.to_dict(), shards=records)
     if commit:

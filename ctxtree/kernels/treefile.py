@@ -5,7 +5,8 @@ Layout (all integers little-endian):
     magic      8 bytes  b"CTXTREE\\0"
     version    u32      FORMAT_VERSION
     header_len u32
-    header     JSON (utf-8): fingerprint, doc_id, n_tokens (whole document),
+    header     JSON (utf-8): fingerprint, doc_id (in a store: the document key, since
+               twins share shards), n_tokens (whole document),
                chunk_start/chunk_end, n_chunks_total, chunk_lengths, tree config,
                codec, payload_len, tensor shapes and dtypes
     payload    safetensors bytes: keys, values, routes, node_offsets, tokens

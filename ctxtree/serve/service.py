@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime, load_runtime
-from ctxtree.store import TreeStore
+from ctxtree.store import Corrupt, TreeStore
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.tree import POLICIES, TreeConfig
 from ctxtree.serve.engine import BatchingEngine, GenRequest
@@ -147,6 +147,11 @@ class DecoderService:
     async def document(self, doc_id: str) -> dict:
         """What is stored for a document (without loading its trees)."""
         m = self.store.manifest(doc_id)
+        if m.fingerprint == self.rt.fingerprint and m.tree_config != self.rt.tree_config.to_dict():
+            # the fingerprint names this decoder's tree settings: the manifest disagrees with it
+            err = Corrupt("the manifest's tree settings disagree with its fingerprint")
+            err.doc_id = doc_id
+            raise err
         return {"id": doc_id, "tokens": m.n_tokens, "chunks": m.n_chunks, "bytes": m.total_bytes,
                 "shards": len(m.shards), "fingerprint": m.fingerprint, "tree_config": m.tree_config,
                 "compatible": m.fingerprint == self.rt.fingerprint, "cached": doc_id in self.cache}
