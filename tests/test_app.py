@@ -193,4 +193,5 @@ def test_operator_configured_model_alias(service):
         body = {"model": "my-docs-model", "messages": [{"role": "user", "content": "Who?"}], "max_tokens": 2,
                 "documents": ["contracts/gpl.txt"]}
         assert c.post("/v1/chat/completions", json=body).status_code == 200
+        assert c.post("/v1/chat/completions", json={**body, "model": "ctxtree"}).status_code == 200
         assert c.post("/v1/chat/completions", json={**body, "model": "gpt-4o"}).status_code == 404

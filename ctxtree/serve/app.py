@@ -30,6 +30,7 @@ from ctxtree.serve.service import AnswerEnd, DecoderService
 
 API_TOKEN_ENV = "CTXTREE_API_TOKEN"
 MODEL_ALIASES_ENV = "CTXTREE_MODEL_ALIASES"   # comma-separated names also answered as our model
+SERVICE_NAME = "ctxtree"                      # always answered as our model, whatever the checkpoint
 
 
 class QueryRequest(BaseModel):
@@ -261,7 +262,7 @@ def build_app(backend: Backend | DecoderService, api_token: str | None = None,
                 raise ValueError("messages: no user message to answer")
             stop = stop_sequences(body.stop)
             model = (await backend.info()).name
-            if body.model is not None and body.model != model and body.model not in aliases:
+            if body.model not in (None, model, SERVICE_NAME, *aliases):
                 raise UnknownModel(f"model {body.model!r} is not served here (GET /v1/models lists it)")
             max_tokens = body.max_completion_tokens or body.max_tokens or 128
             sampling = SamplingConfig(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p)
