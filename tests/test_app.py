@@ -4,6 +4,7 @@ FastAPI's TestClient and the official openai client, unchanged."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,61 @@ def test_operator_configured_model_alias(service):
         assert c.post("/v1/chat/completions", json=body).status_code == 200
         assert c.post("/v1/chat/completions", json={**body, "model": "ctxtree"}).status_code == 200
         assert c.post("/v1/chat/completions", json={**body, "model": "gpt-4o"}).status_code == 404
+
+
+async def asgi_post_async(app, parts: list[bytes], hang: bool, client=("127.0.0.1", 5000)) -> list[dict]:
+    """POST /v1/query straight into the ASGI app: the body in `parts`, then (hang) nothing
+    more, as a client that announced more bytes than it sends."""
+    import asyncio
+
+    parts, sent = list(parts), []
+
+    async def receive():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts) or hang}
+        await asyncio.sleep(60)  # never: the test's bound ends it first
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/query", "raw_path": b"/v1/query", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": client, "server": ("127.0.0.1", 8000)}
+    await asyncio.wait_for(app(scope, receive, send), 20)
+    return sent
+
+
+def asgi_post(app, parts: list[bytes], hang: bool) -> list[dict]:
+    import asyncio
+
+    return asyncio.run(asgi_post_async(app, parts, hang))
+
+
+def test_a_slow_body_is_cut_off_and_clients_can_be_capped(service):
+    import asyncio
+
+    from ctxtree.serve.limits import ClientLimits
+
+    app = build_app(service, api_token="", limits=ClientLimits(body_timeout_s=0.5))
+    t0 = time.monotonic()
+    sent = asgi_post(app, [b'{"documents": ["contracts/gpl.txt"], '], hang=True)
+    assert sent[0]["status"] == 408 and time.monotonic() - t0 < 5
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+    body = json.dumps({"documents": ["contracts/gpl.txt"], "question": "Who?", "max_tokens": 2}).encode()
+    assert asgi_post(app, [body[:20], body[20:]], hang=False)[0]["status"] == 200  # in time, in pieces: fine
+
+    capped = build_app(service, api_token="", limits=ClientLimits(body_timeout_s=2, max_per_client=1))
+
+    async def two_at_once():
+        slow = asyncio.create_task(asgi_post_async(capped, [b"{"], hang=True))   # holds this client's slot
+        await asyncio.sleep(0.2)
+        second = await asgi_post_async(capped, [body], hang=False)
+        other = await asgi_post_async(capped, [body], hang=False, client=("127.0.0.2", 5000))
+        return await slow, second, other
+
+    slow, second, other = asyncio.run(two_at_once())
+    assert second[0]["status"] == 429 and json.loads(second[1]["body"])["error"]["code"] == "too_many_requests"
+    assert other[0]["status"] == 200 and slow[0]["status"] == 408
+    assert asgi_post(capped, [body], hang=False)[0]["status"] == 200   # the slot is free again

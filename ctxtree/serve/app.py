@@ -19,11 +19,13 @@ from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.serve.backends import Backend, LocalBackend
+from ctxtree.serve.limits import BodyTimeout, ClientLimits, ClientLimitsMiddleware
 from ctxtree.serve.metrics import Metrics
 from ctxtree.serve.protocol import AnswerRequest, Failure, failure_of
 from ctxtree.serve.service import AnswerEnd, DecoderService
@@ -155,10 +157,11 @@ def sse(payload: dict | str) -> bytes:
 
 
 def build_app(backend: Backend | DecoderService, api_token: str | None = None,
-              model_aliases: tuple[str, ...] | None = None) -> FastAPI:
+              model_aliases: tuple[str, ...] | None = None, limits: ClientLimits | None = None) -> FastAPI:
     if isinstance(backend, DecoderService):
         backend = LocalBackend(backend)
     app = FastAPI(title="ctxtree", version="0.1.0")
+    app.add_middleware(ClientLimitsMiddleware, limits=limits or ClientLimits.from_env())
     metrics = Metrics(backend)
     token = api_token if api_token is not None else os.environ.get(API_TOKEN_ENV) or None
     aliases = model_aliases if model_aliases is not None else \
@@ -176,6 +179,13 @@ def build_app(backend: Backend | DecoderService, api_token: str | None = None,
             response = await call_next(request)
         metrics.count(request.url.path, response.status_code)
         return response
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException):
+        if isinstance(exc.__cause__, BodyTimeout):  # FastAPI wraps errors met reading the body
+            return error_response(Failure(408, "request_timeout", str(exc.__cause__)))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return error_response(Failure(exc.status_code, code, str(exc.detail)))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
