@@ -13,7 +13,9 @@ import ray
 # and nothing secret travels in the job's runtime_env.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "CTXTREE_CACHE")
+                 "AWS_EC2_METADATA_DISABLED", "HF_HUB_OFFLINE", "CTXTREE_CACHE",
+                 # the HTTP ingress's settings (ctxtree/serve/app.py, limits.py)
+                 "CTXTREE_MODEL_ALIASES", "CTXTREE_BODY_TIMEOUT_S", "CTXTREE_MAX_REQUESTS_PER_CLIENT")
 
 
 def init_ray(address: str | None, dashboard: bool = False) -> None:
