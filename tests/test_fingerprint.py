@@ -46,3 +46,12 @@ def test_fingerprint_changes_with_weights_tokenizer_and_config(tmp_path):
     assert len({base, model_fingerprint(d1, "tok", TreeConfig()), model_fingerprint(d0, "tok2", TreeConfig()),
                 model_fingerprint(d0, "tok", TreeConfig(keep=16)),
                 model_fingerprint(d0, "tok", TreeConfig(codec="fp16"))}) == 5
+
+
+def test_fingerprint_without_building_the_model_equals_the_runtimes(smollm_dir, smollm_runtime):
+    """The compress driver names the store's trees by fingerprint_of, the actors by the
+    runtime they load: the two must agree, for every tree setting."""
+    from ctxtree.runtime import fingerprint_of
+
+    assert fingerprint_of(smollm_dir, smollm_runtime.tree_config) == smollm_runtime.fingerprint
+    assert fingerprint_of(smollm_dir, TreeConfig(chunk_len=128)) != smollm_runtime.fingerprint

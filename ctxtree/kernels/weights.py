@@ -67,13 +67,18 @@ def model_digest(weights: str, cfg: LlamaConfig) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()
 
 
-def load_llama(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Llama, str]:
-    """Load a checkpoint directory into our Llama; returns (model in eval mode, model digest)."""
+def read_checkpoint(ckpt_dir: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], str]:
+    """(config, weights, model digest) of a checkpoint directory, without building a model."""
     cfg = read_config(ckpt_dir)
     state = read_state_dict(ckpt_dir)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied: the embedding is the head
-    digest = model_digest(weights_digest(state), cfg)
+    return cfg, state, model_digest(weights_digest(state), cfg)
+
+
+def load_llama(ckpt_dir: Path, dtype: torch.dtype = torch.float32) -> tuple[Llama, str]:
+    """Load a checkpoint directory into our Llama; returns (model in eval mode, model digest)."""
+    cfg, state, digest = read_checkpoint(ckpt_dir)
     with torch.device("meta"):
         model = Llama(cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}

@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 
 from ctxtree.cli_args import add_model_args, tree_config
-from ctxtree.runtime import Runtime, cache_dir, default_model_path, load_runtime
+from ctxtree.runtime import Runtime, cache_dir, default_model_path, fingerprint_of, load_runtime
 from ctxtree.store import TreeStore, document_key
 from ctxtree.kernels.tree import TreeConfig
 from ctxtree.kernels.weights import load_tokenizer, prepare_checkpoint
@@ -171,7 +171,8 @@ def run_job(job: JobConfig, address: str | None = None) -> dict:
     """Run the job; returns the summary (also written to the store and printed)."""
     files = expand_inputs(job.sources)
     store = TreeStore(job.store)
-    fingerprint = _runtime(job.model, job.tree).fingerprint  # converts the model once, before the workers
+    # converts the model once, before the workers; builds no model or decoder
+    fingerprint = fingerprint_of(Path(job.model) if job.model else None, job.tree)
     init_ray(address)
     ds = read_documents(files, job.sources)
     # Documents are counted as they come back (a jsonl or parquet file holds many):
