@@ -35,7 +35,8 @@ def server(smollm_runtime, tmp_path_factory):
     try:
         # two decoder replicas on this 2-core machine: half a CPU reserved each
         srv = ServeProcess(store, ("--replicas", "2", "--replica-cpus", "0.5"), log=log,
-                           env={"PYTHONPATH": str(REPO)}, cwd=str(REPO), timeout_s=300)
+                           env={"PYTHONPATH": str(REPO), "CTXTREE_BODY_TIMEOUT_S": "3"}, cwd=str(REPO),
+                           timeout_s=300)
     except RuntimeError as e:
         pytest.fail(f"{e}: see {log.name}")
     yield srv.url, srv.proc
@@ -143,6 +144,21 @@ def test_overload_is_503_from_the_bounded_queue(smollm_runtime, tmp_path):
     finally:
         assert srv.stop() == 0
 
+
+def test_a_client_that_never_finishes_its_body_gets_408(server):
+    """Through Serve's proxy: Content-Length 1000 announced, 10 bytes sent, then silence."""
+    import socket
+    from urllib.parse import urlparse
+
+    url, _ = server
+    where = urlparse(url)
+    t0 = time.monotonic()
+    with socket.create_connection((where.hostname, where.port), timeout=30) as s:
+        s.sendall(b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"documen')
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    assert time.monotonic() - t0 < 20   # the 3 s bound, not a held slot
 
 def test_shutdown_is_clean(server):
     url, proc = server
