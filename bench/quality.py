@@ -12,9 +12,19 @@ question phrasings never seen in training):
 - `zero`:   the zero-initialised injection decoder (exactly the base model, no document);
 - `base`:   the base model with the document in its prompt, truncated to its window
             (the whole document where it fits);
-- `bm25`:   retrieval: the BM25 top-k passages of the document given to the base model.
+- `bm25`:   retrieval: the BM25 top-k passages of the document given to the base model;
+- `teacher`: the base model with the *text* of the chunks the decoder's search selects in its
+            prompt (what distillation trains the decoder to match, docs/quality.md).
 
-Exact match: every expected value appears in the answer as a whole number (data.is_correct).
+Values: `single` and `multi` questions ask, in turn, a number, a code, a word, a name or a
+date (data.VALUE_KINDS; the held-out words, names and layouts are never trained on).
+Exact match: every expected value appears in the answer (data.is_correct: a number as a
+whole number, anything else as whole words).
+
+Prose (--prose N, default 16): N held-out questions about real passages (ctxtree/pipelines/
+prose.py, the teacher's answers), scored by information recovered = 1 - KL(teacher ||
+decoder) / KL(teacher || base model without the text), and the share of free answers that
+are only a number (the shipped adapter's failure before distillation).
 Reported per method and length: accuracy, per needle kind, seconds per question (answer
 time; trees are built beforehand, as the endpoint has them, and their build time is
 reported separately). --questions is per (length, kind): 13 gives 52 per point.
@@ -42,10 +52,15 @@ from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
 from ctxtree.kernels.tree import NOT_INJECTED, node_spans
 from ctxtree.pipelines.chunk_pool import ChunkCache
-from ctxtree.pipelines.data import KINDS, is_correct, load_haystack, make_sample
+from ctxtree.answer import search
+from ctxtree.pipelines.prose import heldout_prose
+from ctxtree.pipelines.train_step import Example, information_recovered
+from ctxtree.prompt import end_of_turn_id
+from ctxtree.kernels.tree import ContextTree
+from ctxtree.pipelines.data import KINDS, VALUE_KINDS, is_correct, load_haystack, make_sample, numbers_only
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25")
+METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25", "teacher")
 INJECTED = ("query", "vector", "right", "norope")  # methods that need trained injection weights
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -119,6 +134,43 @@ def base_context(rt, documents: list[list[int]], question: str, max_tokens: int)
     return "\n\n".join(rt.tokenizer.decode(d[:per_document]) for d in documents)
 
 
+def selected_text(rt, trees: list[ContextTree], selections: list[torch.Tensor]) -> str:
+    """The text of the chunks search keeps (in document order), as the teacher reads them."""
+    parts = []
+    for tree, sel in zip(trees, selections):
+        start = 0
+        for c, length in enumerate(tree.chunk_lengths):
+            if bool((sel[c] != NOT_INJECTED).any()):
+                parts.append(rt.tokenizer.decode(tree.tokens[start:start + length].tolist()))
+            start += length
+    return "\n\n".join(parts)
+
+
+def prose_quality(rt, decoder: InjectionDecoder, zero: InjectionDecoder, count: int, seed: int,
+                  sampling: SamplingConfig) -> dict:
+    """Held-out prose questions: information recovered, numbers-only answers, time per question."""
+    items = heldout_prose(rt, count, seed)
+    examples = [Example(trees=[tree], question=e.question, target=e.answer, teacher=e.teacher) for e, tree in items]
+    recovered = information_recovered(decoder, zero, rt.tokenizer, end_of_turn_id(rt.tokenizer), examples)
+    rt.decoder = decoder
+    answers = []
+    for e, tree in items:
+        t0 = time.perf_counter()
+        text = answer_question(rt, [tree], e.question, sampling).text
+        answers.append({"question": e.question, "teacher": e.answer[:240], "answer": text[:240],
+                        "numbers_only": numbers_only(text), "seconds": time.perf_counter() - t0})
+        print(f"[quality] prose: {e.question!r} -> {text[:100]!r}", flush=True)
+    return {"questions": len(items), **recovered,
+            "numbers_only": sum(a["numbers_only"] for a in answers) / len(answers),
+            "seconds_per_question": sum(a["seconds"] for a in answers) / len(answers), "items": answers}
+
+
+def value_kind_of(kind: str, index: int) -> str:
+    """What the values of sample `index` look like: lookups (single, multi) cycle through the
+    value kinds; paraphrase and spread needles state numbers."""
+    return VALUE_KINDS[index % len(VALUE_KINDS)] if kind in ("single", "multi") else "digits"
+
+
 def summarize(records: list[dict], height: int) -> dict:
     """Per method and length: accuracy, per needle kind, seconds per question, and where
     search put the asked values (the finest level, where every position is kept, or coarser)."""
@@ -135,6 +187,9 @@ def summarize(records: list[dict], height: int) -> dict:
                 "accuracy": sum(r["correct"] for r in rs) / len(rs), "questions": len(rs),
                 "per_kind": {k: sum(r["correct"] for r in rs if r["kind"] == k) / sum(1 for r in rs if r["kind"] == k)
                              for k in kinds},
+                "per_value_kind": {v: sum(r["correct"] for r in rs if r.get("values", "digits") == v)
+                                   / sum(1 for r in rs if r.get("values", "digits") == v)
+                                   for v in sorted({r.get("values", "digits") for r in rs})},
                 "seconds_per_question": sum(r["seconds"] for r in rs) / len(rs)}
             levels = [lv for r in rs for lv in (r["answer_level"] or [])]
             if levels:
@@ -177,6 +232,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48,
                     help="answer budget (the base model answers in sentences; the decoder stops early)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prose", type=int, default=16, help="held-out prose questions (0: none)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--update", action="store_true",
                     help="keep --out's records of the methods not run now (e.g. rerun only the injection "
@@ -210,8 +266,9 @@ def main() -> None:
     for length in args.lengths:
         for kind in args.kinds:
             for i in range(args.questions):
+                values = value_kind_of(kind, i)
                 s = make_sample(rt.tokenizer, haystack, i, length, kind, seed=args.seed,
-                                align=rt.tree_config.chunk_len)
+                                align=rt.tree_config.chunk_len, values=values)
                 t0, before = time.perf_counter(), chunks.built
                 trees = [chunks.document(d) for d in s.documents]
                 if chunks.built > before:
@@ -235,7 +292,10 @@ def main() -> None:
                                  for d, pos in s.answer_positions]
                     else:
                         texts = texts or s.texts(rt.tokenizer)
-                        if method == "base":
+                        if method == "teacher":
+                            _, selections = search(rt, trees, s.question)
+                            context = selected_text(rt, trees, selections)
+                        elif method == "base":
                             context = base_context(rt, s.documents, s.question, args.max_tokens)
                         else:
                             ps = [p for t in texts for p in passages(t)]
@@ -244,19 +304,23 @@ def main() -> None:
                         ans = base_answer(rt, base_decoder, context, s.question, sampling)
                     dt = time.perf_counter() - t0
                     ok = is_correct(ans, s)
-                    records.append({"method": method, "length": length, "kind": kind, "index": i,
+                    records.append({"method": method, "length": length, "kind": kind, "index": i, "values": values,
                                     "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers,
                                     "answer_level": level})
                 print(f"[quality] {length} {kind} {i}: " + " ".join(
                     f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
                     if r["length"] == length and r["kind"] == kind and r["index"] == i),
                     f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+    prose = None
+    if args.prose and adapter_dir is not None:
+        prose = prose_quality(rt, decoders["query"], decoders["zero"], args.prose, args.seed, sampling)
     rt.decoder = decoders["query"]
     build_rate = built_tokens / build_s if build_s else None
     if args.update and args.out.is_file():
         old = json.loads(args.out.read_text())
         records = [r for r in old["records"] if r["method"] not in args.methods] + records
         build_rate = build_rate or old.get("tree_build_tokens_per_s")  # every tree came from the cache this time
+        prose = prose or old.get("prose")
     report = {
         "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                             "platform": platform.platform()},
@@ -265,7 +329,7 @@ def main() -> None:
         "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
         "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
         "tree_build_tokens_per_s": build_rate,
-        "results": summarize(records, rt.tree_config.height), "records": records,
+        "results": summarize(records, rt.tree_config.height), "prose": prose, "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
@@ -290,7 +354,10 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("exact match, % (held-out)")
     ax.set_ylim(-2, 102)
     ax.axvline(8192, color="grey", linestyle=":", linewidth=1)
-    ax.set_title(f"ctxtree quality: {report['model']}")
+    prose = report.get("prose")
+    ax.set_title(f"ctxtree quality: {report['model']}" + (
+        f"\nprose: information recovered {prose['recovered']:.2f}, numbers-only answers "
+        f"{100 * prose['numbers_only']:.0f}%" if prose else ""), fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)

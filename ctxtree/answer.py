@@ -29,17 +29,23 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampling: SamplingConfig,
-                    policy: str = "query", seed: int = 0,
-                    on_text: Callable[[str], None] | None = None) -> Answer:
-    """Answer with the injection decoder; on_text receives the answer as it streams."""
-    t0 = time.perf_counter()
+def search(rt: Runtime, trees: list[ContextTree], question: str, policy: str = "query") -> tuple[list[int], list[torch.Tensor]]:
+    """The question's prompt and, per document, the nodes the decoder will be given
+    (heap indices [C, h+1], rows of NOT_INJECTED for chunks left out)."""
     prompt, query_index = question_prompt(rt.tokenizer, question)
     batch = left_pad([prompt], device=rt.model.device)
     q = query_vector(rt.model, batch.input_ids, batch.positions, batch.token_valid,
                      torch.tensor([query_index + batch.input_ids.shape[1] - len(prompt)]))[0]
     route = route_query(rt.model, q, question_tokens(rt.tokenizer, question))
-    selections = search_documents(trees, route, policy, rt.decoder.top_chunks)
+    return prompt, search_documents(trees, route, policy, rt.decoder.top_chunks)
+
+
+def answer_question(rt: Runtime, trees: list[ContextTree], question: str, sampling: SamplingConfig,
+                    policy: str = "query", seed: int = 0,
+                    on_text: Callable[[str], None] | None = None) -> Answer:
+    """Answer with the injection decoder; on_text receives the answer as it streams."""
+    t0 = time.perf_counter()
+    prompt, selections = search(rt, trees, question, policy)
     context = batch_context([rt.decoder.request_kv(trees, selections)])
     t_search = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)

@@ -54,3 +54,9 @@ def document_tokens(tokenizer, text: str) -> list[int]:
     if not text.strip():
         raise ValueError("the document is empty")
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends an answer: the chat template's end of turn, else end of text."""
+    vocab = tokenizer.get_vocab()
+    return vocab["<|im_end|>"] if "<|im_end|>" in vocab else tokenizer.eos_token_id

@@ -121,6 +121,9 @@ class Manifest:
                     tree_config=doc["tree_config"], shards=shards)
             covered = [c for s in shards for c in range(int(s.chunk_start), int(s.chunk_end))]
             chunk_len = int(m.tree_config["chunk_len"])
+            # a tampered field of the wrong type is corruption, not a server error
+            if not all(isinstance(v, str) for v in (m.doc_id, m.key, m.fingerprint, *(s.name for s in shards))):
+                raise TypeError("doc_id, key, fingerprint and shard names must be strings")
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise Corrupt(f"{name}: malformed manifest: {e}") from e
         if covered != list(range(m.n_chunks)):
@@ -318,6 +321,8 @@ class TreeStore:
         try:
             pointer = json.loads(self.objects.get(name))
             key, fp, named = pointer["key"], pointer["fingerprint"], pointer["doc_id"]
+            if not all(isinstance(v, str) for v in (key, fp, named)):
+                raise TypeError("key, fingerprint and doc_id must be strings")
         except NotFound:
             raise UnknownDocument(f"unknown document {doc_id!r}") from None
         except (ValueError, KeyError, TypeError) as e:

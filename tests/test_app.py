@@ -86,6 +86,12 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(client, body
     assert ok.status_code == 200
 
 
+def test_a_wrong_method_says_which_are_allowed(client):
+    r = client.get("/v1/query")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["allow"]
+
+
 def test_documents_prewarm_health_and_metrics(client):
     r = client.get("/v1/documents/contracts/gpl.txt")
     assert r.status_code == 200 and r.json()["tokens"] > 1000 and r.json()["compatible"] is True

@@ -13,7 +13,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; on 3.10 these guards are skipped
 import zipfile
 from pathlib import Path
 

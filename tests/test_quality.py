@@ -1,5 +1,7 @@
-"""The shipped adapter answers held-out needle questions over 4K-token documents; the
-zero-initialised decoder (the base model, blind to the trees) does not.
+"""The shipped adapter answers held-out needle questions over 4K-token documents (the
+zero-initialised decoder, the base model blind to the trees, does not), answers held-out
+lookups whose answer is a word or a name, and answers held-out prose questions about real
+text in words, recovering a measured share of what the text tells the base model.
 
 Held-out means haystack text, needle templates and question phrasings never used in
 training (ctxtree/pipelines/data.py). Seed 5 is not a seed any training run or the quality
@@ -18,10 +20,18 @@ from ctxtree.runtime import load_runtime
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.inject import InjectionDecoder
 from ctxtree.kernels.tree import build_tree
-from ctxtree.pipelines.data import is_correct, load_haystack, make_sample
+from ctxtree.pipelines.data import is_correct, load_haystack, make_sample, numbers_only
+from ctxtree.pipelines.prose import heldout_prose
+from ctxtree.pipelines.train_step import Example, information_recovered
+from ctxtree.prompt import end_of_turn_id
 
 QUESTIONS = 10
 LENGTH = 4096
+WORD_LENGTH = 2048
+# information recovered on the 10 held-out prose questions below: measured RECOVERED_MEASURED
+# with the shipped adapter (docs/quality.md); the bound leaves room for the noise of 10 items
+RECOVERED_MEASURED = None
+RECOVERED_BOUND = None
 
 
 def test_shipped_adapter_answers_held_out_questions_at_4k(smollm_dir):
@@ -41,3 +51,31 @@ def test_shipped_adapter_answers_held_out_questions_at_4k(smollm_dir):
         answers.append((s.question, s.answers, answer.text))
     assert right >= 8, answers
     assert right_zero <= 2
+
+
+def test_shipped_adapter_answers_word_and_name_lookups(smollm_dir):
+    rt = load_runtime()
+    haystack = load_haystack(rt.tokenizer, "heldout")
+    right, answers = 0, []
+    for i in range(QUESTIONS):
+        s = make_sample(rt.tokenizer, haystack, i, WORD_LENGTH, "single", seed=5, align=rt.tree_config.chunk_len,
+                        values=("word", "name")[i % 2])
+        assert not s.answers[0].isdigit()
+        trees = [build_tree(rt.model, torch.tensor(d), rt.tree_config) for d in s.documents]
+        answer = answer_question(rt, trees, s.question, SamplingConfig(max_tokens=16))
+        right += is_correct(answer.text, s)
+        answers.append((s.question, s.answers, answer.text))
+    assert right >= 6, answers
+
+
+def test_shipped_adapter_answers_prose_questions_in_words(smollm_dir):
+    rt = load_runtime()
+    items = heldout_prose(rt, QUESTIONS, seed=5)
+    assert len(items) == QUESTIONS
+    zero = InjectionDecoder(rt.model, rt.tree_config.n_layers).eval()
+    examples = [Example(trees=[tree], question=e.question, target=e.answer, teacher=e.teacher) for e, tree in items]
+    recovered = information_recovered(rt.decoder, zero, rt.tokenizer, end_of_turn_id(rt.tokenizer), examples)
+    answers = [(e.question, answer_question(rt, [tree], e.question, SamplingConfig(max_tokens=32)).text)
+               for e, tree in items]
+    assert not [a for a in answers if numbers_only(a[1])], answers
+    assert recovered["recovered"] >= RECOVERED_BOUND, (recovered, answers)

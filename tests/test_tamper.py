@@ -109,6 +109,24 @@ def test_twins_share_trees_and_each_id_is_bound(copy):
         served(store, "b-copy.txt")
 
 
+@pytest.mark.parametrize("where,field", [("pointer", "key"), ("pointer", "doc_id"), ("manifest", "key"),
+                                         ("shard", "name")])
+def test_fields_of_the_wrong_type_are_corruption_not_a_crash(copy, where, field):
+    from ctxtree.store import Corrupt
+
+    store, root, _ = copy
+    a = objects(root, "a.txt")
+    if where == "pointer":
+        pointer = json.loads(a["pointer"].read_text())
+        pointer[field] = ["not", "a", "string"]
+        a["pointer"].write_text(json.dumps(pointer))
+    else:
+        (a["m"]["shards"][0] if where == "shard" else a["m"])[field] = {"not": "a string"}
+        a["manifest"].write_text(json.dumps(a["m"]))
+    with pytest.raises(Corrupt):
+        served(store, "a.txt")
+
+
 def test_manifest_truncated_to_fewer_shards(copy):
     store, root, _ = copy
     a = objects(root, "a.txt")

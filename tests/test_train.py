@@ -78,6 +78,41 @@ def test_splits_never_overlap(tokenizer, haystacks):
     assert len(make_sample(tokenizer, haystacks["heldout"], 0, 65536, "single").documents[0]) == 65536
 
 
+def test_values_of_every_kind_are_stated_and_found(tokenizer, haystacks):
+    from ctxtree.pipelines.data import VALUE_KINDS, value_found
+
+    for split, hay in haystacks.items():
+        seen = set()
+        for i, values in enumerate(VALUE_KINDS * 2):
+            for kind in ("single", "multi"):
+                s = make_sample(tokenizer, hay, i, 1024, kind, seed=4, values=values)
+                text = s.texts(tokenizer)[0]
+                assert all(f.sentence in text for f in s.facts) and len({f.value for f in s.facts}) == len(s.facts)
+                d, at = s.answer_positions[0]
+                # the recorded position is the value's first token (oracle routing descends to it)
+                assert tokenizer.decode(s.documents[d][at:at + 8]).strip().startswith(s.answers[0][:3])
+                assert is_correct(f"I think it is {s.answers[0]}.", s)
+                assert not is_correct("It is " + s.answers[0] + "1", s) and not is_correct("no idea", s)
+                seen.add(values if values == "digits" or not s.answers[0].isdigit() else "?")
+        assert seen == set(VALUE_KINDS)
+        chunk = make_needle_chunk(tokenizer, hay, 2, 0, 256, 4, (3, 6), VALUE_KINDS)
+        for f, pos in zip(chunk.facts, chunk.value_positions):
+            assert tokenizer.decode(chunk.tokens[pos:pos + 8]).strip().startswith(f.value[:3])
+    assert value_found("Tanaka", "The manager is Mr. tanaka.") and not value_found("Tanaka", "Tanakas")
+    assert value_found("12-34-56", "code 12-34-56.") and not value_found("12-34-56", "112-34-56")
+    assert not value_found("ember", "Remember it") and value_found("482", "482.") and not value_found("482", "4821")
+    # held-out words, names, layouts and attributes never appear in training
+    for field in ("words", "names", "codes"):
+        assert not set(getattr(TRAIN_VOCAB, field)) & set(getattr(HELDOUT_VOCAB, field)), field
+    for kind in TRAIN_VOCAB.kind_attributes:
+        assert not set(TRAIN_VOCAB.kind_attributes[kind]) & set(HELDOUT_VOCAB.kind_attributes[kind])
+    assert TRAIN_VOCAB.date_format != HELDOUT_VOCAB.date_format
+    with pytest.raises(ValueError, match="value kinds"):
+        make_sample(tokenizer, haystacks["train"], 0, 1024, "single", values="emoji")
+    with pytest.raises(ValueError, match="paraphrase"):
+        make_sample(tokenizer, haystacks["train"], 0, 1024, "paraphrase", values="word")
+
+
 def test_bad_sample_requests_are_refused(tokenizer, haystacks):
     with pytest.raises(ValueError, match="kind"):
         make_sample(tokenizer, haystacks["train"], 0, 2048, "riddle")
@@ -137,6 +172,7 @@ def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
             "--layers", "2", "--chunk-len", "128", "--keep", "8", "--pool-size", "6", "--digits", "1-2",
             "--max-chunks", "2", "--ramp-steps", "10", "--eval-every", "50", "--eval-chunks", "1",
             "--checkpoint-every", "5", "--log-every", "5", "--prose-fraction", "0.3", "--prose-examples", "8", "--top-chunks", "1",
+            "--value-kinds", "digits", "--facts-per-chunk", "2",
             "--threads", "1"]
 
 
@@ -184,9 +220,12 @@ def test_training_lowers_the_loss_and_resumes_after_a_kill(tiny_chat_model, tmp_
     meta = json.loads((adapter / "adapter.json").read_text())
     assert meta["trained_steps"] == STEPS and meta["n_layers"] == 2 and meta["base_weights_digest"]
     assert meta["top_chunks"] == 1  # served with the chunk selection it was trained with
-    # prose examples (the base model's own answers) were made once and their loss is tracked
-    assert len(list(pool.rglob("prose-train-*.json"))) == 1
-    assert all("eval_prose_loss" in r for r in rows if "eval_search_loss" in r)
+    # prose examples (the teacher's answers and top-k) were made once, and the held-out
+    # information recovered is tracked
+    assert len(list(pool.rglob("prose2-train-*.json"))) == 1 and len(list(pool.rglob("prose2-train-*.safetensors"))) == 1
+    prose_evals = [r for r in rows if "eval_search_loss" in r]
+    assert all(r["eval_prose_kl_base"] > 0 and r["eval_prose_recovered"] <= 1 for r in prose_evals), prose_evals
+    assert any("prose_kl" in r for r in rows)
     # checkpoints are safetensors + JSON only: nothing to unpickle
     assert {p.suffix for p in (out / "checkpoints").rglob("*") if p.is_file()} <= {".safetensors", ".json"}
 

@@ -87,12 +87,13 @@ class ChunkPool:
 
     def __init__(self, cache: ChunkCache, tokenizer, haystack: Haystack, seed: int,
                  digits: tuple[int, int] = (2, 6), facts_per_chunk: int = 4, needle_len: int = 0,
-                 haystack_chunks: int = 0):
+                 haystack_chunks: int = 0, value_kinds: tuple[str, ...] = ("digits",)):
         self.cache, self.tokenizer, self.cfg = cache, tokenizer, cache.cfg
         # haystack chunks drawn from (0 = all): fewer means fewer one-time compressions,
         # which dominate the first hours of a run with long documents and short chunks
         self.haystack_chunks = haystack_chunks
         self.haystack, self.seed, self.digits, self.facts_per_chunk = haystack, seed, digits, facts_per_chunk
+        self.value_kinds = tuple(value_kinds)
         # needle chunks shorter than L are one-chunk documents (only a last chunk may be short)
         self.needle_len = needle_len or self.cfg.chunk_len
         self._needles: dict[int, tuple[list[int], list[Fact], list[str], list[int]]] = {}  # tokens, facts, questions, value positions
@@ -110,15 +111,23 @@ class ChunkPool:
         L = self.cfg.chunk_len
         return self.cache.tree(f"{self.haystack.split}-hay-{index:06d}", self.haystack.tokens[index * L:(index + 1) * L])
 
-    def needle_chunk(self, index: int) -> tuple[ContextTree, list[Fact], list[str], list[int]]:
-        """The tree, facts, per-fact questions and value positions of needle chunk `index`."""
+    def needle_name(self, index: int) -> str:
+        """The cache name of needle chunk `index`: it says everything its tokens depend on."""
         name = f"{self.haystack.split}-needle-{self.seed}-{self.digits[0]}-{self.digits[1]}-{index:06d}"
         if (self.needle_len, self.facts_per_chunk) != (self.cfg.chunk_len, 4):
             name += f"-n{self.needle_len}-f{self.facts_per_chunk}"
+        if self.value_kinds != ("digits",):
+            name += "-v" + "".join(k[0] for k in self.value_kinds)
+        return name
+
+    def needle_chunk(self, index: int) -> tuple[ContextTree, list[Fact], list[str], list[int]]:
+        """The tree, facts, per-fact questions and value positions of needle chunk `index`."""
+        name = self.needle_name(index)
         if index not in self._needles:
             meta_path = self.cache.dir / f"{name}.json"
             chunk: NeedleChunk = make_needle_chunk(self.tokenizer, self.haystack, index, self.seed,
-                                                   self.needle_len, self.facts_per_chunk, self.digits)
+                                                   self.needle_len, self.facts_per_chunk, self.digits,
+                                                   self.value_kinds)
             self._needles[index] = (chunk.tokens, chunk.facts, chunk.questions, chunk.value_positions)
             tree = self.cache.tree(name, chunk.tokens)
             if not meta_path.is_file():  # for people inspecting the pool; never read back

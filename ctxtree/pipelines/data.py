@@ -33,6 +33,10 @@ from pathlib import Path
 
 SPLITS = ("train", "heldout")
 KINDS = ("single", "multi", "spread", "paraphrase")
+# What an asked value looks like: a number, a code with dashes or letters, a word, a
+# person's name, a date. Trained on digits alone the decoder learnt one answer format
+# (docs/quality.md); every split has its own words, names and code/date layouts.
+VALUE_KINDS = ("digits", "code", "word", "name", "date")
 # Training and the quality bench read the sample corpus of a source checkout (samples/ is
 # not installed): CTXTREE_CORPUS_DIR points elsewhere, e.g. for a non-editable install.
 CORPUS_DIR = Path(os.environ.get("CTXTREE_CORPUS_DIR", Path(__file__).resolve().parents[2] / "samples" / "corpus"))
@@ -56,6 +60,12 @@ class Vocabulary:
     questions: tuple[str, ...]      # one fact asked
     pair_questions: tuple[str, ...]  # two facts asked ("{entity2}")
     paraphrase: tuple[tuple[str, str], ...]  # (fact, question) stated in different words
+    # per non-digit value kind: the attributes such a value can be, and what it is drawn from
+    kind_attributes: dict = field(default_factory=dict)   # kind -> attributes
+    words: tuple[str, ...] = ()
+    names: tuple[str, ...] = ()
+    codes: tuple[str, ...] = ()       # layouts: 9 a digit, A a capital letter, others kept
+    date_format: str = "{month} {day}, {year}"
 
 
 TRAIN_VOCAB = Vocabulary(
@@ -76,6 +86,23 @@ TRAIN_VOCAB = Vocabulary(
     paraphrase=(("{Entity} can be unlocked by typing {value}.", "Which number opens {entity}?"),
                 ("Visitors reach {entity} by dialing extension {value}.", "What do you dial to reach {entity}?"),
                 ("The lottery drew {value} for {entity}.", "Which draw result went to {entity}?")),
+    kind_attributes={
+        "code": ("door code", "reference code", "booking code", "tracking code"),
+        "word": ("password", "code word", "secret word", "nickname"),
+        "name": ("owner", "caretaker", "manager", "architect"),
+        "date": ("opening date", "inspection date", "founding date"),
+    },
+    words=("falcon", "lantern", "harvest", "marble", "whisper", "cobalt", "meadow", "thunder", "pepper",
+           "glacier", "velvet", "compass", "orchid", "saddle", "ember", "willow", "anchor", "biscuit",
+           "canyon", "dolphin", "feather", "garnet", "hazel", "island", "jasmine", "kettle", "lemon",
+           "mango", "nectar", "otter", "pebble", "quartz", "raven", "sparrow", "tulip", "walnut", "zebra",
+           "puzzle", "rocket", "button", "candle", "dragon", "forest", "galaxy", "hammer", "jungle", "koala"),
+    names=("Alvarez", "Brennan", "Castillo", "Dubois", "Eriksen", "Fischer", "Gallagher", "Hoffman",
+           "Ivanova", "Jensen", "Kowalski", "Lindqvist", "Moreau", "Nakamura", "Okafor", "Petrov", "Quinn",
+           "Rossi", "Schneider", "Tanaka", "Underwood", "Vasquez", "Whitaker", "Yamamoto", "Zimmerman",
+           "Harper", "Sullivan", "Novak", "Ferreira", "Larsen", "Mbeki", "Costa", "Dalton", "Keller"),
+    codes=("99-99-99", "999-999", "AA-9999", "9999-AA", "A99-999", "AAA-99"),
+    date_format="{month} {day}, {year}",
 )
 
 HELDOUT_VOCAB = Vocabulary(
@@ -92,7 +119,24 @@ HELDOUT_VOCAB = Vocabulary(
     pair_questions=("Which {attr} belongs to {entity}, and which {attr2} to {entity2}?",),
     paraphrase=(("Whoever wants to enter {entity} must key in {value}.", "What must be keyed in to enter {entity}?"),
                 ("{Entity} was sold to the bidder holding card {value}.", "Which card won {entity}?")),
+    kind_attributes={
+        "code": ("gate code", "voucher code", "permit code"),
+        "word": ("passphrase", "watchword", "call sign"),
+        "name": ("landlord", "curator", "warden"),
+        "date": ("renewal date", "delivery date"),
+    },
+    words=("juniper", "cinnamon", "basalt", "heron", "tangerine", "lilac", "mosaic", "nutmeg", "obsidian",
+           "parsley", "quiver", "saffron", "trumpet", "umbrella", "vortex", "wagon", "yarrow", "acorn",
+           "badger", "cactus", "daisy", "emerald", "fjord", "gecko", "hyacinth", "igloo", "jaguar"),
+    names=("Abernathy", "Bergstrom", "Chowdhury", "Delacroix", "Esposito", "Fontaine", "Grimaldi",
+           "Haugen", "Iglesias", "Jablonski", "Kaminski", "Lombardi", "Mancini", "Nordberg", "Oyelaran",
+           "Pellegrini", "Rasmussen", "Szabo", "Thornton", "Valdivia", "Wojcik", "Ybarra"),
+    codes=("99-9999-9", "A9A-999"),
+    date_format="{day} {month} {year}",
 )
+
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
 
 
 def vocabulary(split: str) -> Vocabulary:
@@ -169,10 +213,24 @@ class Sample:
         return [tokenizer.decode(d) for d in self.documents]
 
 
+def value_found(value: str, answer: str) -> bool:
+    """A number must appear as a whole number (48213 is not in 482139); anything else
+    (a code, word, name or date) as whole words, case and spacing ignored."""
+    if value.isdigit():
+        return value in set(re.findall(r"\d+", answer))
+    norm = " ".join(answer.split()).lower()
+    return re.search(r"(?<![\w-])" + re.escape(" ".join(value.split()).lower()) + r"(?![\w-])", norm) is not None
+
+
+def numbers_only(answer: str) -> bool:
+    """An answer with no word in it ("207", "2007.", "12-34"): what a decoder that only
+    learnt to copy values says to every question."""
+    return re.search(r"[^\W\d_]", answer) is None
+
+
 def is_correct(answer: str, sample: Sample) -> bool:
-    """Exact match: every expected value appears in the answer as a whole number."""
-    found = set(re.findall(r"\d+", answer))
-    return all(v in found for v in sample.answers)
+    """Exact match: every expected value appears in the answer (value_found)."""
+    return all(value_found(v, answer) for v in sample.answers)
 
 
 def _rng(split: str, seed: int, index: int, length: int, kind: str) -> random.Random:
@@ -182,6 +240,29 @@ def _rng(split: str, seed: int, index: int, length: int, kind: str) -> random.Ra
 
 def _value(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+
+def _kind_value(rng: random.Random, vocab: Vocabulary, kind: str, digits: tuple[int, int]) -> str:
+    """A value of `kind` (VALUE_KINDS) from the split's vocabulary."""
+    if kind == "digits":
+        return _value(rng, rng.randint(*digits))
+    if kind == "code":
+        layout = rng.choice(vocab.codes)
+        return "".join(str(rng.randrange(10)) if c == "9" else chr(65 + rng.randrange(26)) if c == "A" else c
+                       for c in layout)
+    if kind == "word":
+        return rng.choice(vocab.words)
+    if kind == "name":
+        return rng.choice(vocab.names)
+    if kind == "date":
+        return vocab.date_format.format(month=rng.choice(MONTHS), day=rng.randint(1, 28),
+                                        year=rng.randint(1950, 2030))
+    raise ValueError(f"value kind {kind!r} unknown; expected one of {VALUE_KINDS}")
+
+
+def check_value_kinds(kinds: tuple[str, ...]) -> None:
+    if not kinds or any(k not in VALUE_KINDS for k in kinds):
+        raise ValueError(f"value kinds {kinds!r}: expected one or more of {VALUE_KINDS}")
 
 
 def _entities(rng: random.Random, vocab: Vocabulary, n: int) -> list[str]:
@@ -194,16 +275,20 @@ def _cap(s: str) -> str:
 
 
 def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: str, seed: int = 0,
-                digits: int | tuple[int, int] = (4, 6), align: int = 1) -> Sample:
+                digits: int | tuple[int, int] = (4, 6), align: int = 1, values: str = "digits") -> Sample:
     """Sample `index` of the stream for (split, seed, length, kind). Deterministic.
 
     length: total document tokens (split over two documents for `spread`); digits: the
     answer values' digit count, or an inclusive range to draw from (curriculum: short first);
     align: documents start at a multiple of this in the haystack (training uses the chunk
-    length, so haystack chunks repeat and their trees can be cached).
+    length, so haystack chunks repeat and their trees can be cached); values: what the
+    asked values look like (VALUE_KINDS; paraphrase needles state numbers only).
     """
     if kind not in KINDS:
         raise ValueError(f"needle kind {kind!r} unknown; expected one of {KINDS}")
+    check_value_kinds((values,))
+    if kind == "paraphrase" and values != "digits":
+        raise ValueError("paraphrase needles state numbers: use values='digits'")
     n_docs = 2 if kind == "spread" else 1
     doc_len = length // n_docs
     if doc_len < 64:
@@ -217,10 +302,11 @@ def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: st
 
     n_facts = {"single": 1, "paraphrase": 1, "multi": 4, "spread": 2}[kind]
     entities = _entities(rng, vocab, n_facts)
-    attr = rng.choice(vocab.attributes)
+    value_kind = values
+    attr = rng.choice(vocab.attributes if value_kind == "digits" else vocab.kind_attributes[value_kind])
     values: list[str] = []
     while len(values) < n_facts:  # distinct values: a question never has two right answers
-        v = _value(rng, rng.randint(lo, hi))
+        v = _kind_value(rng, vocab, value_kind, (lo, hi))
         if v not in values:
             values.append(v)
     if kind == "paraphrase":
@@ -266,8 +352,7 @@ def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: st
             pos = rng.choice(inside) if inside else rng.randrange(r0, max(r0, r1) + 1)
             documents[d][pos:pos + len(toks)] = toks
             spans.append((d, pos, pos + len(toks)))
-            before = sentences[f][:sentences[f].index(values[f])]
-            value_at[f] = (d, pos + len(tokenizer(" " + before, add_special_tokens=False)["input_ids"]))
+            value_at[f] = (d, pos + _value_token(tokenizer, sentences[f], values[f]))
             facts.append(Fact(entity=entities[f], attribute=attr, value=values[f], sentence=sentences[f],
                               document=d))
     answers = [values[i] for i in asked]
@@ -276,6 +361,15 @@ def make_sample(tokenizer, haystack: Haystack, index: int, length: int, kind: st
                   documents=documents, question=question, answers=answers, target=target,
                   facts=facts, needle_spans=spans, answer_positions=[value_at[i] for i in asked],
                   haystack_starts=starts)
+
+
+def _value_token(tokenizer, sentence: str, value: str) -> int:
+    """Index of the first token of `value` in the tokens of " " + sentence + "\n" (the value
+    ends every template: rindex, since "ember" is in "Remember"; a word's leading space
+    is part of its token, a digit's is not)."""
+    at = 1 + sentence.rindex(value)
+    offsets = tokenizer(" " + sentence + "\n", add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return next(i for i, (_, end) in enumerate(offsets) if end > at)
 
 
 def _range(sorted_positions: list[int], lo: int, hi: int) -> list[int]:
@@ -296,24 +390,32 @@ class NeedleChunk:
 
 
 def make_needle_chunk(tokenizer, haystack: Haystack, index: int, seed: int, chunk_len: int, n_facts: int = 4,
-                      digits: tuple[int, int] = (2, 6)) -> NeedleChunk:
+                      digits: tuple[int, int] = (2, 6), value_kinds: tuple[str, ...] = ("digits",)) -> NeedleChunk:
     """Needle chunk `index`: a chunk-aligned haystack window with n_facts facts, each stated
-    with a plain or a paraphrase template of the split, values of `digits` digits."""
+    with a plain or (numbers) a paraphrase template of the split; each value of a kind drawn
+    from value_kinds (numbers of `digits` digits)."""
+    check_value_kinds(value_kinds)
     vocab = vocabulary(haystack.split)
     rng = _rng(haystack.split, seed, index, chunk_len, "chunk")
     n_windows = len(haystack) // chunk_len
     start = rng.randrange(n_windows) * chunk_len
     tokens = list(haystack.tokens[start:start + chunk_len])
     entities = _entities(rng, vocab, n_facts)
+    # one draw per fact only when there is a choice: digits-only chunks stay as they were
+    kinds = [rng.choice(value_kinds) if len(value_kinds) > 1 else value_kinds[0] for _ in range(n_facts)]
     values: list[str] = []
     while len(values) < n_facts:
-        v = _value(rng, rng.randint(*digits))
+        v = _kind_value(rng, vocab, kinds[len(values)], digits)
         if v not in values:
             values.append(v)
     facts, questions, value_positions = [], [], []
     region = chunk_len // n_facts
-    for slot, (entity, value) in enumerate(zip(entities, values)):
-        if rng.random() < 0.25:
+    for slot, (entity, value, value_kind) in enumerate(zip(entities, values, kinds)):
+        if value_kind != "digits":
+            attr = rng.choice(vocab.kind_attributes[value_kind])
+            sentence = rng.choice(vocab.facts).format(Entity=_cap(entity), entity=entity, attr=attr, value=value)
+            question = rng.choice(vocab.questions).format(attr=attr, entity=entity)
+        elif rng.random() < 0.25:
             fact_t, question_t = rng.choice(vocab.paraphrase)
             attr = ""
             sentence = fact_t.format(Entity=_cap(entity), entity=entity, value=value)
@@ -327,11 +429,20 @@ def make_needle_chunk(tokenizer, haystack: Haystack, index: int, seed: int, chun
         inside = [b - start for b in _range(haystack.boundaries, start + r0, start + r1)]
         pos = rng.choice(inside) if inside else rng.randrange(r0, max(r0, r1) + 1)
         tokens[pos:pos + len(toks)] = toks
-        before = sentence[:sentence.index(value)]
-        value_positions.append(pos + len(tokenizer(" " + before, add_special_tokens=False)["input_ids"]))
+        value_positions.append(pos + _value_token(tokenizer, sentence, value))
         facts.append(Fact(entity=entity, attribute=attr, value=value, sentence=sentence, document=0))
         questions.append(question)
     return NeedleChunk(tokens=tokens, facts=facts, questions=questions, value_positions=value_positions)
+
+
+def absent_question(rng: random.Random, split: str) -> str:
+    """A lookup question about an entity no needle of `split` states (its colour-place pair
+    drawn afresh): asked over a passage that does not hold the answer, it teaches the decoder
+    what the base model does with the passage in its prompt, instead of inventing a value."""
+    vocab = vocabulary(split)
+    kind = rng.choice(VALUE_KINDS)
+    attr = rng.choice(vocab.attributes if kind == "digits" else vocab.kind_attributes[kind])
+    return rng.choice(vocab.questions).format(attr=attr, entity=_entities(rng, vocab, 1)[0])
 
 
 def pair_question(rng: random.Random, split: str, a: Fact, b: Fact, question_a: str, question_b: str) -> str:

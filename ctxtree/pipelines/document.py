@@ -68,6 +68,8 @@ def decode_text(data: bytes | str, settings: CompressSettings) -> str:
 
 def tokenize(rt_tokenizer, text: str, settings: CompressSettings) -> list[int]:
     ids = document_tokens(rt_tokenizer, text)
+    if not ids:  # e.g. only characters the tokenizer drops: a tree of no chunks cannot be read back
+        raise BadDocument("no tokens: the tokenizer produced nothing from this text")
     if len(ids) > settings.max_doc_tokens:
         raise BadDocument(f"too long: {len(ids)} tokens exceeds max_doc_tokens={settings.max_doc_tokens}")
     return ids

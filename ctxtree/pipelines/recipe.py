@@ -27,7 +27,7 @@ from ctxtree.pipelines.train import ADAPTER_DIR, TrainConfig, run
 # teacher-routed: the decoder learns to copy a value out of the injected nodes
 COPY = dict(chunk_len=256, keep=32, needle_len=0, pool_size=0, facts_per_chunk=2, digits=(3, 6), max_chunks=1,
             ramp_steps=0, spread_fraction=0.0, oracle_fraction=0.75, lr=3e-3, warmup=20, batch=4,
-            top_chunks=0, prose_fraction=0.0)
+            top_chunks=0, prose_fraction=0.0, value_kinds=("digits",))
 
 STAGES: list[tuple[str, dict]] = [
     ("1-copy", dict(COPY, steps=2000, stop_at=1600, seed=0)),
@@ -36,6 +36,14 @@ STAGES: list[tuple[str, dict]] = [
     # searched as at serving time (token match), a tenth teacher-routed
     ("3-long", dict(COPY, max_chunks=32, ramp_steps=800, oracle_fraction=0.1, lr=2e-3, haystack_chunks=512,
                     steps=2000, seed=2)),
+    # reading, not one answer format: values of every kind (codes, words, names, dates, numbers;
+    # four facts per needle chunk, so similar facts sit side by side), and a third of the
+    # examples prose questions distilled from the base model with the passage's text in its
+    # prompt (KL over its top-k), a sixth of those about something the passage does not say;
+    # served as it trains, with the 2 best-matching chunks injected
+    ("4-read", dict(COPY, max_chunks=32, ramp_steps=0, oracle_fraction=0.1, lr=1e-3, haystack_chunks=512,
+                    value_kinds=("digits", "code", "word", "name", "date"), facts_per_chunk=4, top_chunks=2,
+                    prose_fraction=0.35, prose_examples=1024, prose_needles=0.4, steps=1200, seed=3)),
 ]
 
 # Trained on every chunk of its documents, the result is served injecting only the 2 chunks

@@ -35,9 +35,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxtree.pipelines.data import VALUE_KINDS, check_value_kinds
+
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 LOG = "log.jsonl"
+EVAL_PROSE = 16   # held-out prose examples of the periodic evaluation
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,10 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 2000                     # length of the learning-rate schedule
+    steps: int = 1200                     # length of the learning-rate schedule
     stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
     warmup: int = 20
     weight_decay: float = 0.0
@@ -60,22 +63,23 @@ class TrainConfig:
     pool_dir: str | None = None           # default <cache>/train-pool
     pool_size: int = 0                    # needle chunks, drawn at random; 0 = a fresh chunk every few examples
     needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
-    facts_per_chunk: int = 2
+    facts_per_chunk: int = 4
     haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
     digits: tuple[int, int] = (3, 6)
+    value_kinds: tuple[str, ...] = ("digits", "code", "word", "name", "date")  # asked values (data.VALUE_KINDS)
     max_chunks: int = 32                  # context chunks per document at the end of the curriculum
-    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
+    ramp_steps: int = 0                   # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
-    top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
-    prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
-    prose_examples: int = 256             # passages those are drawn from (generated once, cached)
-    prose_needles: float = 0.5            # share of those passages that are needle chunks (facts, numbers)
+    top_chunks: int = 2                   # chunks search injects per question (0 = all); saved with the adapter
+    prose_fraction: float = 0.35          # examples that are prose questions answered by the base model
+    prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
+    prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
     eval_chunks: int = 4                  # held-out needle chunks (4 questions each)
-    seed: int = 0
+    seed: int = 3
     workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -102,6 +106,7 @@ class TrainConfig:
             raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
+        check_value_kinds(tuple(self.value_kinds))
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
 
@@ -172,10 +177,13 @@ def train_loop(config: dict) -> None:
     from ctxtree.kernels.inject import InjectionDecoder, load_adapter
     from ctxtree.pipelines.chunk_pool import ChunkCache, ChunkPool
     from ctxtree.pipelines.data import load_haystack
-    from ctxtree.pipelines.prose import PROSE_NEEDLES, load_or_make, make_prose_examples, prose_chunks, prose_tree
-    from ctxtree.pipelines.train_step import Example, answer_step, curriculum_chunks, load_optimizer, make_example
+    from ctxtree.pipelines.prose import prose_set, prose_tree
+    from ctxtree.prompt import end_of_turn_id
+    from ctxtree.pipelines.teacher import teacher_model
+    from ctxtree.pipelines.train_step import (Example, answer_step, curriculum_chunks, information_recovered,
+                                              load_optimizer, make_example)
 
-    cfg = TrainConfig(**{**config, "digits": tuple(config["digits"])})
+    cfg = TrainConfig(**{**config, "digits": tuple(config["digits"]), "value_kinds": tuple(config["value_kinds"])})
     rank, world = 0, 1
     try:
         import ray.train
@@ -212,42 +220,28 @@ def train_loop(config: dict) -> None:
     if resume is not None:
         load_optimizer(opt, names, resume / "optimizer.safetensors")
         start = json.loads((resume / "state.json").read_text())["step"]
-    end_id = rt.tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in rt.tokenizer.get_vocab() \
-        else rt.tokenizer.eos_token_id
+    end_id = end_of_turn_id(rt.tokenizer)
     pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
     train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
-                                       cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks) for split in ("train", "heldout"))
+                                       cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks, cfg.value_kinds)
+                              for split in ("train", "heldout"))
     prose, eval_prose = [], []
+    base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no trained weights: the base model
     if cfg.prose_fraction > 0:
-        base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no context: the base model
+        teacher = teacher_model(rt.model)
 
-        def prose_set(pool: ChunkPool, count: int) -> list:
-            n_needles = round(count * cfg.prose_needles)
-            picked = prose_chunks(count - n_needles, pool.n_haystack_chunks, cfg.seed)
-            # needle chunks of their own (an index range lookups never reach)
-            needles = [PROSE_NEEDLES + k for k in range(n_needles)]
-            L = cfg.chunk_len
-            name = f"prose-{pool.haystack.split}-{cfg.seed}-{count}-{pool.n_haystack_chunks}"
-            path = chunks.dir / (name + (f"-needles{n_needles}" if n_needles else "") + ".json")
-            t0 = time.perf_counter()
-
-            def make() -> list:
-                plain = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, picked,
-                                            [pool.haystack.tokens[i * L:(i + 1) * L] for i in picked],
-                                            pool.haystack.split, cfg.seed)
-                with_facts = make_prose_examples(base_only, rt.tokenizer, rt.stop_ids, needles,
-                                                 [pool.needle_chunk(i)[0].tokens.tolist() for i in needles],
-                                                 pool.haystack.split, cfg.seed + 1)
-                return plain + [dataclasses.replace(e, needle=True) for e in with_facts]
-
-            made = load_or_make(path, make)
+        def say(msg: str) -> None:
             if rank == 0:
-                print(f"[train] {len(made)} {pool.haystack.split} prose examples ({path.name}, "
-                      f"{time.perf_counter() - t0:.0f} s)", flush=True)
-            return made
+                print(f"[train] prose: {msg}", flush=True)
 
-        prose, eval_prose = prose_set(train_pool, cfg.prose_examples), prose_set(eval_pool, 8)
+        t0 = time.perf_counter()
+        prose = prose_set(train_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
+                          cfg.prose_needles, cfg.seed, chunks.dir, log=say)
+        eval_prose = prose_set(eval_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE, cfg.prose_needles,
+                               cfg.seed, chunks.dir, log=say)
+        say(f"{len(prose)} training and {len(eval_prose)} held-out examples ({time.perf_counter() - t0:.0f} s)")
+        del teacher
     n_params = sum(p.numel() for p in params)
     if rank == 0:
         print(f"[train] {n_params:,} trainable parameters; steps {start}->{cfg.last_step} (schedule {cfg.steps}); batch {cfg.batch} x {world} "
@@ -275,12 +269,12 @@ def train_loop(config: dict) -> None:
             out.update({f"eval_{mode}_loss": tot["loss"] / len(examples),
                         f"eval_{mode}_token_acc": tot["correct"] / tot["tokens"],
                         f"eval_{mode}_exact": tot["exact"] / len(examples)})
-        if eval_prose:  # does it still answer in prose? (the base model's answers, teacher-forced)
-            examples = [Example(trees=[prose_tree(eval_pool, p)], question=p.question, target=p.answer)
-                        for p in eval_prose]
-            with torch.no_grad():
-                r = answer_step(decoder, rt.tokenizer, end_id, examples)
-            out.update({"eval_prose_loss": float(r.loss), "eval_prose_token_acc": r.correct_tokens / r.tokens})
+        if eval_prose:  # held-out prose: how much of the passage reaches the decoder
+            examples = [Example(trees=[prose_tree(eval_pool, p)], question=p.question, target=p.answer,
+                                teacher=p.teacher) for p in eval_prose]
+            r = information_recovered(decoder, base_only, rt.tokenizer, end_id, examples, cfg.batch)
+            out.update({"eval_prose_kl": r["kl_student"], "eval_prose_kl_base": r["kl_base"],
+                        "eval_prose_recovered": r["recovered"]})
         decoder.train()
         return out
 
@@ -292,7 +286,8 @@ def train_loop(config: dict) -> None:
             log.flush()
             print("[train] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in initial.items()), flush=True)
-    window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
+    window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "kl": 0.0, "kl_rows": 0,
+                      "t": time.perf_counter()}
     metrics: dict = {}
     last = cfg.last_step
     for step in range(start, last):
@@ -318,6 +313,8 @@ def train_loop(config: dict) -> None:
         window["correct"] += r.correct_tokens
         window["exact"] += r.exact
         window["rows"] += len(examples)
+        window["kl"] += sum(r.kl)
+        window["kl_rows"] += len(r.kl)
         done = step + 1
         metrics = {}
         if done % cfg.log_every == 0 or done == last:
@@ -326,7 +323,10 @@ def train_loop(config: dict) -> None:
                        "token_acc": window["correct"] / window["tokens"], "exact": window["exact"] / window["rows"],
                        "lr": lr, "max_chunks": max_chunks, "s_per_step": dt / max(1, window["rows"] / cfg.batch),
                        "chunks_built": train_pool.built}
-            window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "t": time.perf_counter()}
+            if window["kl_rows"]:
+                metrics["prose_kl"] = window["kl"] / window["kl_rows"]
+            window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "kl": 0.0, "kl_rows": 0,
+                      "t": time.perf_counter()}
         if done % cfg.eval_every == 0 or done == last:
             metrics.update({"step": done, **evaluate()})
         checkpoint_dir = None
@@ -404,12 +404,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", default=None, help="start a new run from these injection weights")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("out", "model", "init_adapter", "digits", "use_gpu"):
+        if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "use_gpu"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)) if getattr(
             defaults, f.name) is not None else str, default=getattr(defaults, f.name))
     p.add_argument("--digits", default=f"{defaults.digits[0]}-{defaults.digits[1]}",
                    help="answer value length range, e.g. 2-6")
+    p.add_argument("--value-kinds", default=",".join(defaults.value_kinds),
+                   help=f"kinds of asked values, comma-separated, of: {', '.join(VALUE_KINDS)}")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     return p
 
@@ -418,8 +420,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m ctxtree.pipelines
     args = build_parser(prog).parse_args(argv)
     try:
         lo, _, hi = args.digits.partition("-")
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "digits"}
-        cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)))
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                  if f.name not in ("digits", "value_kinds")}
+        cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)),
+                          value_kinds=tuple(k.strip() for k in args.value_kinds.split(",") if k.strip()))
         adapter = run(cfg, args.address)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -1,15 +1,25 @@
 """One training step of the injection weights (method.md §6), framework-free.
 
-Objective: next-token cross-entropy on the answer tokens (answer + end of turn), given
-the chat prompt of the question and the injected nodes of the example's documents.
+Objective, per example, given the chat prompt of the question and the injected nodes of
+the example's documents, at every answer position (answer + end of turn):
+- distillation, where the example carries a teacher (prose questions): KL(teacher ||
+  student) over the teacher's top-k tokens (ctxtree/pipelines/teacher.py), the teacher's
+  probabilities renormalised over those k, the student's over the whole vocabulary;
+- cross-entropy on the gold answer, for lookups (the value is known exactly).
+Each is a mean over the example's answer positions, and every example weighs the same.
 The compressor and the base model are frozen; the routing query is the question's last
 token, never an answer token, exactly as at serving time (ctxtree/answer.py).
+
+Lookups are not distilled: the base model with the passage in its prompt answers a
+lookup in a sentence ("The badge number of ... is 48213."), so its distribution at the
+first answer position puts its mass on "The" while the gold answer starts with the
+value; a teacher pass per fresh needle (1.5 s here) would also double the cost of a step.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,7 @@ from ctxtree.kernels.tree import ContextTree, node_spans, search_documents
 from ctxtree.pipelines.chunk_pool import ChunkPool, assemble
 from ctxtree.pipelines.data import pair_question
 from ctxtree.pipelines.prose import ProseExample, prose_tree
+from ctxtree.pipelines.teacher import TeacherAnswer
 
 
 @dataclass
@@ -34,6 +45,7 @@ class Example:
     # per document: (chunk, token offset in that chunk) of an answer value, or None
     answer_at: list[tuple[int, int] | None] | None = None
     oracle: bool = False       # route to the answer's nodes instead of searching
+    teacher: TeacherAnswer | None = None   # distil: train on teacher.tokens towards its top-k
 
 
 @dataclass
@@ -42,6 +54,17 @@ class StepResult:
     tokens: int
     correct_tokens: int        # teacher-forced argmax hits
     exact: int                 # rows whose every answer token is the argmax
+    kl: list[float] = field(default_factory=list)   # per distilled example: mean KL(teacher || student), nats
+
+
+def kl_to_teacher(logits: Tensor, top_ids: Tensor, top_logp: Tensor) -> Tensor:
+    """Per position KL(teacher || student) over the teacher's top-k: logits [N,V] (student),
+    top_ids/top_logp [N,k] (teacher) -> [N]. The teacher's k probabilities are renormalised
+    to sum to 1; the student's are its full-vocabulary softmax (mass it puts elsewhere is
+    penalised through the smaller log-probabilities of the teacher's tokens)."""
+    student = torch.log_softmax(logits.float(), dim=-1).gather(-1, top_ids.long())  # [N,k]
+    teacher = torch.log_softmax(top_logp.float(), dim=-1)                            # [N,k]
+    return (teacher.exp() * (teacher - student)).sum(-1)
 
 
 def curriculum_chunks(step: int, max_chunks: int, ramp_steps: int) -> int:
@@ -65,7 +88,7 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
     if prose and prose_fraction > 0 and rng.random() < prose_fraction:
         # one-chunk documents: the answer is about this passage, so search must keep it
         p = prose[rng.randrange(len(prose))]
-        return Example(trees=[prose_tree(pool, p)], question=p.question, target=p.answer)
+        return Example(trees=[prose_tree(pool, p)], question=p.question, target=p.answer, teacher=p.teacher)
 
     def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
         chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]
@@ -118,7 +141,8 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
     rows, query_at, n_answer = [], [], []
     for ex in examples:
         prompt, q = question_prompt(tokenizer, ex.question)
-        answer = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [end_id]
+        answer = list(ex.teacher.tokens) if ex.teacher is not None else \
+            tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [end_id]
         rows.append(prompt + answer)
         query_at.append(q)
         n_answer.append(len(answer))
@@ -152,12 +176,38 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
     logits = model.lm_head(model.norm(h[rows_idx, pred_pos])).float()  # [N,V]
     # every example weighs the same, however long its answer: a 40-token prose answer
     # must not outweigh ten 4-token values
-    per_token = F.cross_entropy(logits, labels, reduction="none")  # [N]
-    loss = torch.stack([t.mean() for t in torch.split(per_token, n_answer)]).mean()
+    per_row_logits = torch.split(logits, n_answer)
+    per_row_labels = torch.split(labels, n_answer)
+    losses, kls = [], []
+    for ex, lg, lb in zip(examples, per_row_logits, per_row_labels):
+        if ex.teacher is not None:
+            kl = kl_to_teacher(lg, ex.teacher.top_ids.to(lg.device), ex.teacher.top_logp.to(lg.device)).mean()
+            kls.append(float(kl.detach()))
+            losses.append(kl)
+        else:
+            losses.append(F.cross_entropy(lg, lb))
+    loss = torch.stack(losses).mean()
     hits = (logits.argmax(-1) == labels).cpu()
     per_row = torch.split(hits, n_answer)
     return StepResult(loss=loss, tokens=len(labels), correct_tokens=int(hits.sum()),
-                      exact=sum(int(r.all()) for r in per_row))
+                      exact=sum(int(r.all()) for r in per_row), kl=kls)
+
+
+@torch.no_grad()
+def information_recovered(decoder: InjectionDecoder, base: InjectionDecoder, tokenizer, end_id: int,
+                          examples: list[Example], batch: int = 4) -> dict:
+    """How much of what the text tells the teacher the student gets from the trees:
+    1 - KL(teacher || student) / KL(teacher || base model without the text), each KL a mean
+    over the examples' answer positions then over examples (examples with a teacher).
+    1: the trees are as good as the text; 0: no better than no document at all."""
+    def mean_kl(dec: InjectionDecoder) -> float:
+        kls = []
+        for i in range(0, len(examples), batch):
+            kls += answer_step(dec, tokenizer, end_id, examples[i:i + batch]).kl
+        return sum(kls) / len(kls)
+
+    student, blind = mean_kl(decoder), mean_kl(base)
+    return {"kl_student": student, "kl_base": blind, "recovered": 1 - student / blind}
 
 
 # ---- optimizer state as safetensors (checkpoints are never pickled) --------------------

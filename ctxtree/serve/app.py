@@ -185,7 +185,9 @@ def build_app(backend: Backend | DecoderService, api_token: str | None = None,
         if isinstance(exc.__cause__, BodyTimeout):  # FastAPI wraps errors met reading the body
             return error_response(Failure(408, "request_timeout", str(exc.__cause__)))
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        return error_response(Failure(exc.status_code, code, str(exc.detail)))
+        response = error_response(Failure(exc.status_code, code, str(exc.detail)))
+        response.headers.update(exc.headers or {})  # e.g. a 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):

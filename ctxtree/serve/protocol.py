@@ -66,7 +66,9 @@ def failure_of(e: Exception) -> Failure:
     else:
         status, code, message = 500, "internal_error", "internal error (the server log has the details)"
     if message != detail:
-        log.warning("%s %s: %s", status, code, detail, exc_info=e if code == "internal_error" else None)
+        # an overload is routine under load (the client retries): not a warning per request
+        log.log(logging.DEBUG if status == 503 else logging.WARNING, "%s %s: %s", status, code, detail,
+                exc_info=e if code == "internal_error" else None)
     return Failure(status, code, message)
 
 
