@@ -38,7 +38,13 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
         left.plot(steps, [r[f"eval_{mode}_loss"] for r in evals], "o-", color=color, label=f"held-out, {mode} routing")
         right.plot(steps, [r[f"eval_{mode}_token_acc"] for r in evals], "o-", color=color, label=f"{mode} token acc")
         right.plot(steps, [r[f"eval_{mode}_exact"] for r in evals], "s--", color=color, label=f"{mode} exact match")
-    left.set(xlabel="step", ylabel="answer loss (nats/token)", title=title)
+    prose = [r for r in evals if "eval_prose_kl" in r]
+    if prose:  # distilled prose questions: KL(teacher || decoder), and the base model's without the text
+        steps = [r["step"] for r in prose]
+        left.plot(steps, [r["eval_prose_kl"] for r in prose], "^-", color="tab:green", label="held-out prose, KL to teacher")
+        left.plot(steps, [r["eval_prose_kl_base"] for r in prose], ":", color="tab:green",
+                  label="  the base model without the text")
+    left.set(xlabel="step", ylabel="answer loss / KL (nats/token)", title=title)
     right.set(xlabel="step", ylabel="fraction", ylim=(0, 1), title="held-out answers, teacher-forced")
     left.legend(fontsize=8)
     right.legend(fontsize=8)
@@ -49,11 +55,16 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("log", type=Path)
+    ap.add_argument("log", type=Path, nargs="+", help="one run's log, or the logs of consecutive stages")
     ap.add_argument("--plot", type=Path, required=True)
     ap.add_argument("--title", default="answer loss")
     args = ap.parse_args(argv)
-    plot(read_log(args.log), args.plot, args.title)
+    rows, offset = [], 0
+    for path in args.log:  # stages one after the other: each stage's steps continue the last's
+        stage = read_log(path)
+        rows += [{**r, "step": r["step"] + offset} for r in stage if "step" in r]
+        offset = max((r["step"] for r in rows), default=offset)
+    plot(rows, args.plot, args.title)
     print(f"wrote {args.plot}")
     return 0
 

@@ -19,6 +19,11 @@ def test_plots_a_log_and_refuses_a_damaged_one(tmp_path):
     out = tmp_path / "curve.png"
     assert main([str(log), "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # two stages one after the other, the second with distilled prose evaluations
+    second = tmp_path / "log2.jsonl"
+    second.write_text("\n".join(json.dumps({**r, "eval_prose_kl": 2.0, "eval_prose_kl_base": 1.0} if "eval_oracle_loss" in r
+                                          else r) for r in rows) + "\n")
+    assert main([str(log), str(second), "--plot", str(out)]) == 0
     log.write_text(log.read_text() + '{"step": 40, "loss"\n')
     with pytest.raises(SystemExit, match="log.jsonl:6: not a JSON line"):
         main([str(log), "--plot", str(out)])

@@ -1,16 +1,18 @@
-"""Prose examples for training: questions that are not lookups, with the answer the base
-model itself gives when the passage is in its prompt (self-distillation).
+"""Prose examples for training: questions that are not lookups, answered by the teacher
+(the base model with the passage's text in its prompt, ctxtree/pipelines/teacher.py),
+with its top-k at every answer position, for distillation.
 
 Why: trained on needle lookups alone, the decoder answers every question with a number
-("Who may copy this license?" -> "207"). Mixed with these, it keeps answering questions
-about a passage in prose, as the base model would with the passage in front of it. Some
-passages are needle chunks (text with facts and numbers in it): without them the decoder
-learns "a number in the injected nodes -> say the number", whatever the question.
+("Who may copy this license?" -> "207"). Some passages are needle chunks (text with
+facts and values in it): without them the decoder learns "a value in the injected nodes
+-> say the value", whatever the question.
 
-Half of the questions are fixed templates, half are written by the base model about the
-passage ("write one question this text answers"), so they name the passage's own words
-the way a user's question does. Examples are generated once per (split, seed, count)
-and kept as JSON beside the compressed chunks; a step then costs nothing extra.
+Question kinds (KIND_CYCLE): half written by the base model about the passage ("write one
+question this text answers", so they name the passage's own words the way a user's
+question does), a third fixed templates, a sixth lookups about an entity the passage
+does not mention ("absent": what the teacher says when the text lacks the answer). An
+example costs about 1.8 s here and is made once: sets are kept beside the compressed
+chunks, JSON (readable) plus safetensors (the teacher's tokens and top-k), in parts.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     ctxtree train --out runs/m4                                # local Ray, one CPU worker
     ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
 
-The defaults are the last stage of the adapter recipe (the whole recipe, one command:
+The defaults are the last stage of the shipped adapter's recipe (the whole recipe, one command:
 `python -m ctxtree.pipelines.recipe`; docs/training.md); --out must be a
 path every worker can write (a shared filesystem on a cluster; rank 0 writes).
 
@@ -48,10 +48,10 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 1200                     # length of the learning-rate schedule
+    steps: int = 2000                     # length of the learning-rate schedule
     stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 1e-3
+    lr: float = 2e-3
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
     warmup: int = 20
     weight_decay: float = 0.0
@@ -63,23 +63,25 @@ class TrainConfig:
     pool_dir: str | None = None           # default <cache>/train-pool
     pool_size: int = 0                    # needle chunks, drawn at random; 0 = a fresh chunk every few examples
     needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
-    facts_per_chunk: int = 4
+    facts_per_chunk: int = 2
     haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
     digits: tuple[int, int] = (3, 6)
-    value_kinds: tuple[str, ...] = ("digits", "code", "word", "name", "date")  # asked values (data.VALUE_KINDS)
+    value_kinds: tuple[str, ...] = ("digits",)  # what asked values look like (data.VALUE_KINDS)
     max_chunks: int = 32                  # context chunks per document at the end of the curriculum
-    ramp_steps: int = 0                   # steps from 1 chunk per document to max_chunks
+    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
-    top_chunks: int = 2                   # chunks search injects per question (0 = all); saved with the adapter
-    prose_fraction: float = 0.35          # examples that are prose questions answered by the base model
+    top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
+    prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
     prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
+    prose_kinds: tuple[str, ...] = ("template", "written")  # which of them are used (prose.KIND_CYCLE's kinds)
+    prose_seed: int = 3                   # the prose set's seed: the teacher's answers cost 1.8 s each, stages share them
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
     eval_chunks: int = 4                  # held-out needle chunks (4 questions each)
-    seed: int = 3
+    seed: int = 0
     workers: int = 1
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
@@ -107,6 +109,8 @@ class TrainConfig:
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         check_value_kinds(tuple(self.value_kinds))
+        if not self.prose_kinds or not set(self.prose_kinds) <= {"template", "written", "absent"}:
+            raise ValueError(f"prose_kinds must be some of template, written, absent; got {self.prose_kinds}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
 
@@ -183,7 +187,8 @@ def train_loop(config: dict) -> None:
     from ctxtree.pipelines.train_step import (Example, answer_step, curriculum_chunks, information_recovered,
                                               load_optimizer, make_example)
 
-    cfg = TrainConfig(**{**config, "digits": tuple(config["digits"]), "value_kinds": tuple(config["value_kinds"])})
+    cfg = TrainConfig(**{**config, "digits": tuple(config["digits"]), "value_kinds": tuple(config["value_kinds"]),
+                         "prose_kinds": tuple(config["prose_kinds"])})
     rank, world = 0, 1
     try:
         import ray.train
@@ -227,6 +232,7 @@ def train_loop(config: dict) -> None:
                                        cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks, cfg.value_kinds)
                               for split in ("train", "heldout"))
     prose, eval_prose = [], []
+    prose_pool = eval_prose_pool = None
     base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no trained weights: the base model
     if cfg.prose_fraction > 0:
         teacher = teacher_model(rt.model)
@@ -236,11 +242,20 @@ def train_loop(config: dict) -> None:
                 print(f"[train] prose: {msg}", flush=True)
 
         t0 = time.perf_counter()
-        prose = prose_set(train_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
-                          cfg.prose_needles, cfg.seed, chunks.dir, log=say)
-        eval_prose = prose_set(eval_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE, cfg.prose_needles,
-                               cfg.seed, chunks.dir, log=say)
-        say(f"{len(prose)} training and {len(eval_prose)} held-out examples ({time.perf_counter() - t0:.0f} s)")
+        # passages that are needle chunks come from pools of the prose seed (their text is what
+        # the teacher read)
+        prose_pool, eval_prose_pool = (pool if cfg.prose_seed == cfg.seed else
+                                       ChunkPool(chunks, rt.tokenizer, pool.haystack, cfg.prose_seed, cfg.digits,
+                                                 cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks,
+                                                 cfg.value_kinds) for pool in (train_pool, eval_pool))
+        prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
+                          cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say)
+        eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,
+                               cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say)
+        # the held-out evaluation keeps every kind: it measures, it does not train
+        prose = [p for p in prose if p.kind in cfg.prose_kinds]
+        say(f"{len(prose)} training ({', '.join(cfg.prose_kinds)}) and {len(eval_prose)} held-out examples "
+            f"({time.perf_counter() - t0:.0f} s)")
         del teacher
     n_params = sum(p.numel() for p in params)
     if rank == 0:
@@ -270,7 +285,7 @@ def train_loop(config: dict) -> None:
                         f"eval_{mode}_token_acc": tot["correct"] / tot["tokens"],
                         f"eval_{mode}_exact": tot["exact"] / len(examples)})
         if eval_prose:  # held-out prose: how much of the passage reaches the decoder
-            examples = [Example(trees=[prose_tree(eval_pool, p)], question=p.question, target=p.answer,
+            examples = [Example(trees=[prose_tree(eval_prose_pool, p)], question=p.question, target=p.answer,
                                 teacher=p.teacher) for p in eval_prose]
             r = information_recovered(decoder, base_only, rt.tokenizer, end_id, examples, cfg.batch)
             out.update({"eval_prose_kl": r["kl_student"], "eval_prose_kl_base": r["kl_base"],
@@ -297,7 +312,7 @@ def train_loop(config: dict) -> None:
         max_chunks = curriculum_chunks(step, cfg.max_chunks, cfg.ramp_steps)
         examples = [make_example(train_pool, _step_rng(cfg, step, rank, row), cfg.pool_size, max_chunks,
                                  cfg.spread_fraction, cfg.oracle_fraction, ((step * world) + rank) * cfg.batch + row,
-                                 prose, cfg.prose_fraction)
+                                 prose, cfg.prose_fraction, prose_pool)
                     for row in range(cfg.batch)]
         r = answer_step(decoder, rt.tokenizer, end_id, examples)
         opt.zero_grad(set_to_none=True)
@@ -404,7 +419,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", default=None, help="start a new run from these injection weights")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "use_gpu"):
+        if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "prose_kinds", "use_gpu"):
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)) if getattr(
             defaults, f.name) is not None else str, default=getattr(defaults, f.name))
@@ -412,6 +427,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="answer value length range, e.g. 2-6")
     p.add_argument("--value-kinds", default=",".join(defaults.value_kinds),
                    help=f"kinds of asked values, comma-separated, of: {', '.join(VALUE_KINDS)}")
+    p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
+                   help="kinds of prose questions trained on, comma-separated, of: template, written, absent")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     return p
 
@@ -421,9 +438,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m ctxtree.pipelines
     try:
         lo, _, hi = args.digits.partition("-")
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                  if f.name not in ("digits", "value_kinds")}
-        cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)),
-                          value_kinds=tuple(k.strip() for k in args.value_kinds.split(",") if k.strip()))
+                  if f.name not in ("digits", "value_kinds", "prose_kinds")}
+        split = lambda text: tuple(k.strip() for k in text.split(",") if k.strip())  # noqa: E731
+        cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)), value_kinds=split(args.value_kinds),
+                          prose_kinds=split(args.prose_kinds))
         adapter = run(cfg, args.address)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -76,7 +76,8 @@ def curriculum_chunks(step: int, max_chunks: int, ramp_steps: int) -> int:
 
 def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks: int,
                  spread_fraction: float, oracle_fraction: float = 0.0, serial: int = 0,
-                 prose: list[ProseExample] | None = None, prose_fraction: float = 0.0) -> Example:
+                 prose: list[ProseExample] | None = None, prose_fraction: float = 0.0,
+                 prose_pool: ChunkPool | None = None) -> Example:
     """A training question: a needle chunk among haystack chunks, one of its facts asked; or
     (spread) two documents with a needle chunk each and both facts asked at once; or
     (prose_fraction of them) a question about one passage with the base model's own answer.
@@ -88,7 +89,8 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
     if prose and prose_fraction > 0 and rng.random() < prose_fraction:
         # one-chunk documents: the answer is about this passage, so search must keep it
         p = prose[rng.randrange(len(prose))]
-        return Example(trees=[prose_tree(pool, p)], question=p.question, target=p.answer, teacher=p.teacher)
+        return Example(trees=[prose_tree(prose_pool or pool, p)], question=p.question, target=p.answer,
+                       teacher=p.teacher)
 
     def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
         chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]
