@@ -276,8 +276,8 @@ def main() -> None:
                     built_tokens += (chunks.built - before) * rt.tree_config.chunk_len
                 texts = None
                 for method in args.methods:
-                    if method in INJECTED and adapter_dir is None:
-                        continue
+                    if method in INJECTED + ("teacher",) and adapter_dir is None:
+                        continue  # teacher: the chunks the adapter's search selects (none: the whole document)
                     if (method == "base" and args.base_questions is not None and length > 4096
                             and i >= args.base_questions):
                         continue

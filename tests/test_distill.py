@@ -64,3 +64,6 @@ def test_a_cut_off_answer_ends_at_its_last_sentence(smollm_dir):
     assert tok.decode(cut.tokens[:-1]) == "It is short." and cut.tokens[-1] == 2
     assert cut.top_ids[-1, 0] == 2 and cut.top_logp[-1, 0] == 0 and cut.top_ids.shape[0] == len(cut.tokens)
     assert whole_sentences(tok, tok("and so on", add_special_tokens=False)["input_ids"], ids[:3], logp[:3], 2) is None
+    # a decimal point is not the end of a sentence
+    tokens = tok("It costs 3.5 units and", add_special_tokens=False)["input_ids"]
+    assert whole_sentences(tok, tokens, ids[:len(tokens)], logp[:len(tokens)], 2) is None

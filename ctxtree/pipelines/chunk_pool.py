@@ -117,7 +117,7 @@ class ChunkPool:
         if (self.needle_len, self.facts_per_chunk) != (self.cfg.chunk_len, 4):
             name += f"-n{self.needle_len}-f{self.facts_per_chunk}"
         if self.value_kinds != ("digits",):
-            name += "-v" + "".join(k[0] for k in self.value_kinds)
+            name += "-v-" + "-".join(self.value_kinds)  # whole names: "digits" and "date" share a letter
         return name
 
     def needle_chunk(self, index: int) -> tuple[ContextTree, list[Fact], list[str], list[int]]:

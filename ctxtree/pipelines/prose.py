@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 
 from ctxtree.kernels.llama import Llama
 from ctxtree.pipelines.data import absent_question
-from ctxtree.pipelines.teacher import TeacherAnswer, teach, teacher_model, whole_sentences
+from ctxtree.pipelines.teacher import TOP_K, TeacherAnswer, end_certain, teach, teacher_model, whole_sentences
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 
 TEMPLATES = {
@@ -101,8 +101,12 @@ def make_prose_examples(teacher: Llama, tokenizer, stop_ids: tuple[int, ...], en
                               for t, (_, q) in zip(texts, questions)], stop_ids, max_tokens, batch=batch)
     examples = []
     for i, ((kind, q), (tokens, ids, logp, stopped)) in enumerate(zip(questions, answers)):
-        if stopped:
-            target = TeacherAnswer(tokens=tokens[:-1] + [end_id], top_ids=ids, top_logp=logp)
+        if stopped and tokens[-1] == end_id:
+            target = TeacherAnswer(tokens=tokens, top_ids=ids, top_logp=logp)
+        elif stopped:  # another stop token (end of text): the student's label is end of turn, so is its target
+            end_ids, end_logp = end_certain(ids.shape[1], end_id)
+            target = TeacherAnswer(tokens=tokens[:-1] + [end_id], top_ids=torch.cat([ids[:-1], end_ids]),
+                                   top_logp=torch.cat([logp[:-1], end_logp]))
         else:
             target = whole_sentences(tokenizer, tokens, ids, logp, end_id)
         if target is None or len(target.tokens) < 2:
@@ -197,7 +201,8 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
         cycle = (n_plain - 1) // len(plain) if not needle else 0
         kinds.append(KIND_CYCLE[(g + cycle) % len(KIND_CYCLE)])  # a passage seen again gets another kind
     n_parts = (count + part_size - 1) // part_size
-    name = f"prose2-{split}-{seed}-{count}-{pool.n_haystack_chunks}-n{needle_share:g}-{pool.needle_name(0)}.json"
+    name = (f"prose2-{split}-{seed}-{count}-{pool.n_haystack_chunks}-n{needle_share:g}-p{part_size}-k{TOP_K}-"
+            f"{pool.needle_name(0)}.json")
 
     def make(part: int) -> list[ProseExample]:
         sl = slice(part * part_size, min(count, (part + 1) * part_size))

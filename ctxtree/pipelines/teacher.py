@@ -72,8 +72,8 @@ def teach(teacher: Llama, prompts: list[list[int]], stop_ids: tuple[int, ...], m
             for r in range(b):
                 if not done[r]:
                     tokens[r].append(int(nxt[r]))
-                    ids[r].append(top.indices[r].to(torch.int32))
-                    logps[r].append(top.values[r])
+                    ids[r].append(top.indices[r].to(torch.int32).cpu())  # kept on the CPU: cached, then batched
+                    logps[r].append(top.values[r].cpu())
                     stopped[r] = int(nxt[r]) in stop_ids
             done |= torch.isin(nxt.cpu(), stops)
             if bool(done.all()) or step == max_tokens - 1:
@@ -84,6 +84,14 @@ def teach(teacher: Llama, prompts: list[list[int]], stop_ids: tuple[int, ...], m
     return out
 
 
+def end_certain(k: int, end_id: int) -> tuple[Tensor, Tensor]:
+    """A top-k row ([1,k] ids, [1,k] log-probs) whose whole mass is on end_id."""
+    ids = torch.full((1, k), end_id, dtype=torch.int32)
+    logp = torch.full((1, k), FILL_LOGP)
+    logp[0, 0] = 0.0
+    return ids, logp
+
+
 def whole_sentences(tokenizer, tokens: list[int], top_ids: Tensor, top_logp: Tensor,
                     end_id: int) -> TeacherAnswer | None:
     """An answer cut off at max_tokens, ended at its last full sentence followed by `end_id`
@@ -91,14 +99,11 @@ def whole_sentences(tokenizer, tokens: list[int], top_ids: Tensor, top_logp: Ten
     cut off); None when it holds no full sentence."""
     last = None
     for n in range(len(tokens), 0, -1):
-        if re.search(r"[.!?][\"')\]]?\s*$", tokenizer.decode(tokens[:n])):
+        if re.search(r"(?<!\d)[.!?][\"')\]]?\s*$", tokenizer.decode(tokens[:n])):  # not "3." of "3.5"
             last = n
             break
     if last is None:
         return None
-    k = top_ids.shape[1]
-    end_ids = torch.full((1, k), end_id, dtype=torch.int32)
-    end_logp = torch.full((1, k), FILL_LOGP)
-    end_logp[0, 0] = 0.0
+    end_ids, end_logp = end_certain(top_ids.shape[1], end_id)
     return TeacherAnswer(tokens=tokens[:last] + [end_id], top_ids=torch.cat([top_ids[:last], end_ids]),
                          top_logp=torch.cat([top_logp[:last], end_logp]))

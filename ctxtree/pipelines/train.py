@@ -386,6 +386,9 @@ def run(cfg: TrainConfig, address: str | None = None) -> Path:
     recipe_path = out / "recipe.json"
     if recipe_path.is_file():
         old = json.loads(recipe_path.read_text())
+        # settings added after the run was made compare equal when they are at their defaults
+        defaults = json.loads(json.dumps(TrainConfig(out="").recipe()))
+        old.update({k: v for k, v in json.loads(json.dumps(cfg.recipe())).items() if k not in old and v == defaults[k]})
         if old != json.loads(json.dumps(cfg.recipe())):
             changed = sorted(k for k in set(old) | set(cfg.recipe()) if old.get(k) != json.loads(
                 json.dumps(cfg.recipe())).get(k))
