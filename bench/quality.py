@@ -33,6 +33,7 @@ reported separately). --questions is per (length, kind): 13 gives 52 per point.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 from ctxtree.runtime import cache_dir, load_runtime
 from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
-from ctxtree.kernels.tree import NOT_INJECTED, node_spans
+from ctxtree.kernels.tree import NOT_INJECTED, injected_chunks, node_spans
 from ctxtree.pipelines.chunk_pool import ChunkCache
 from ctxtree.answer import search
 from ctxtree.pipelines.prose import heldout_prose
@@ -138,11 +139,8 @@ def selected_text(rt, trees: list[ContextTree], selections: list[torch.Tensor]) 
     """The text of the chunks search keeps (in document order), as the teacher reads them."""
     parts = []
     for tree, sel in zip(trees, selections):
-        start = 0
-        for c, length in enumerate(tree.chunk_lengths):
-            if bool((sel[c] != NOT_INJECTED).any()):
-                parts.append(rt.tokenizer.decode(tree.tokens[start:start + length].tolist()))
-            start += length
+        starts = [0, *itertools.accumulate(tree.chunk_lengths)]
+        parts += [rt.tokenizer.decode(tree.tokens[starts[c]:starts[c + 1]].tolist()) for c in injected_chunks(sel).tolist()]
     return "\n\n".join(parts)
 
 

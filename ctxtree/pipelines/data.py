@@ -37,6 +37,9 @@ KINDS = ("single", "multi", "spread", "paraphrase")
 # person's name, a date. Trained on digits alone the decoder learnt one answer format
 # (docs/quality.md); every split has its own words, names and code/date layouts.
 VALUE_KINDS = ("digits", "code", "word", "name", "date")
+# Kinds of prose question (ctxtree/pipelines/prose.py): written by the base model about the
+# passage, a template, or a lookup about something the passage does not say
+PROSE_KINDS = ("template", "written", "absent")
 # Training and the quality bench read the sample corpus of a source checkout (samples/ is
 # not installed): CTXTREE_CORPUS_DIR points elsewhere, e.g. for a non-editable install.
 CORPUS_DIR = Path(os.environ.get("CTXTREE_CORPUS_DIR", Path(__file__).resolve().parents[2] / "samples" / "corpus"))

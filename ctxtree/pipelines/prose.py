@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from ctxtree.kernels.llama import Llama
-from ctxtree.pipelines.data import absent_question
+from ctxtree.pipelines.data import PROSE_KINDS, absent_question
 from ctxtree.pipelines.teacher import TOP_K, TeacherAnswer, end_certain, teach, teacher_model, whole_sentences
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 
@@ -60,6 +60,7 @@ class ProseExample:
 # question kinds, in turn: half written by the base model about the passage, one in six
 # about an entity the passage does not mention, the rest templates
 KIND_CYCLE = ("absent", "written", "template", "written", "template", "written")
+assert set(KIND_CYCLE) == set(PROSE_KINDS)
 
 
 def _questions(teacher: Llama, tokenizer, stop_ids: tuple[int, ...], texts: list[str], kinds: list[str],
@@ -186,7 +187,7 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
     question). Passages are used in turn, each time with the next kind of question; made
     part by part and cached under cache_dir (the teacher runs once per example, ever)."""
     split = pool.haystack.split
-    plain = prose_chunks(pool.n_haystack_chunks, pool.n_haystack_chunks, seed)
+    plain = range(pool.n_haystack_chunks)  # every haystack chunk, in order
     chunks, needles, kinds = [], [], []
     n_needle = n_plain = 0
     for g in range(count):

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ctxtree.pipelines.data import VALUE_KINDS, check_value_kinds
+from ctxtree.pipelines.data import PROSE_KINDS, VALUE_KINDS, check_value_kinds
 
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
@@ -109,8 +109,8 @@ class TrainConfig:
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         check_value_kinds(tuple(self.value_kinds))
-        if not self.prose_kinds or not set(self.prose_kinds) <= {"template", "written", "absent"}:
-            raise ValueError(f"prose_kinds must be some of template, written, absent; got {self.prose_kinds}")
+        if not self.prose_kinds or not set(self.prose_kinds) <= set(PROSE_KINDS):
+            raise ValueError(f"prose_kinds must be some of {', '.join(PROSE_KINDS)}; got {self.prose_kinds}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
             raise ValueError(f"digits must be a range within 1..12, got {self.digits}")
 
@@ -386,12 +386,12 @@ def run(cfg: TrainConfig, address: str | None = None) -> Path:
     recipe_path = out / "recipe.json"
     if recipe_path.is_file():
         old = json.loads(recipe_path.read_text())
+        new = json.loads(json.dumps(cfg.recipe()))  # as JSON has it: tuples become lists
         # settings added after the run was made compare equal when they are at their defaults
         defaults = json.loads(json.dumps(TrainConfig(out="").recipe()))
-        old.update({k: v for k, v in json.loads(json.dumps(cfg.recipe())).items() if k not in old and v == defaults[k]})
-        if old != json.loads(json.dumps(cfg.recipe())):
-            changed = sorted(k for k in set(old) | set(cfg.recipe()) if old.get(k) != json.loads(
-                json.dumps(cfg.recipe())).get(k))
+        old.update({k: v for k, v in new.items() if k not in old and v == defaults[k]})
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ValueError(f"{out} holds a run with another recipe (differs in: {', '.join(changed)}); "
                              "use a new --out")
     else:
@@ -431,7 +431,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--value-kinds", default=",".join(defaults.value_kinds),
                    help=f"kinds of asked values, comma-separated, of: {', '.join(VALUE_KINDS)}")
     p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
-                   help="kinds of prose questions trained on, comma-separated, of: template, written, absent")
+                   help=f"kinds of prose questions trained on, comma-separated, of: {', '.join(PROSE_KINDS)}")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     return p
 
