@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 
-from ctxtree.kernels.tree import CODECS, COMPUTE_DTYPES, TreeConfig
+from ctxtree.kernels.codec import CODECS
+from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig
 
 
 def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
@@ -23,9 +24,11 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--chunk-len", type=int, default=d.chunk_len, help=f"L, tokens per chunk (default {d.chunk_len})")
     p.add_argument("--height", type=int, default=d.height, help=f"h, tree height (default {d.height})")
     p.add_argument("--keep", type=int, default=d.keep, help=f"p, kept positions per node (default {d.keep})")
-    p.add_argument("--codec", default="bf16", choices=sorted(CODECS), help="stored K/V dtype (default bf16)")
-    p.add_argument("--dtype", default="float32", choices=sorted(COMPUTE_DTYPES),
-                   help="compute dtype (default float32)")
+    p.add_argument("--codec", default=d.codec, choices=sorted(CODECS),
+                   help=f"stored K/V: int8/fp8 codes + a scale per head and position, or a float dtype "
+                        f"(default {d.codec}; trees written before int8 was the default are bf16)")
+    p.add_argument("--dtype", default=d.dtype, choices=sorted(COMPUTE_DTYPES),
+                   help=f"compute dtype (default {d.dtype})")
 
 
 def tree_config(args: argparse.Namespace) -> TreeConfig:

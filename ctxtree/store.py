@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from ctxtree.kernels.tree import ContextTree, concat_trees
-from ctxtree.kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard
+from ctxtree.kernels.treefile import CorruptTreeError, TreeShard, decode_shard, encode_shard_digest
 
 MANIFEST_VERSION = 1
 
@@ -263,8 +263,7 @@ class TreeStore:
 
     # ---- writing ---------------------------------------------------------------------
     def write_shard(self, key: str, shard: TreeShard) -> ShardRecord:
-        data = encode_shard(shard)
-        digest = hashlib.sha256(data).hexdigest()
+        data, digest = encode_shard_digest(shard)
         name = self.shard_key(shard.fingerprint, key, shard.tree.first_chunk, digest)
         self.objects.put(name, data)
         return ShardRecord(name=name, chunk_start=shard.tree.first_chunk,
@@ -357,10 +356,10 @@ class TreeStore:
         parts = []
         for s in manifest.shards:
             data = self.objects.get(s.name)
-            if len(data) != s.bytes or hashlib.sha256(data).hexdigest() != s.sha256:
-                raise Corrupt(f"{s.name}: {len(data)} bytes with a checksum that does not match its manifest")
+            if len(data) != s.bytes:
+                raise Corrupt(f"{s.name}: {len(data)} bytes, its manifest records {s.bytes}: a checksum cannot match")
             try:
-                shard = decode_shard(data, s.name)
+                shard = decode_shard(data, s.name, s.sha256)  # one pass: the object's and the manifest's checksum
             except CorruptTreeError as e:
                 raise Corrupt(str(e)) from e
             # Every shard is bound to the document the manifest describes: its key,

@@ -76,7 +76,7 @@ def test_full_chunk_sizes_match_method(tiny_model):
     cfg = TreeConfig(n_layers=1, chunk_len=1024, height=3, keep=32)
     tree = build_tree(tiny_model, torch.randint(3, 97, (1024,)), cfg)
     assert tree.config.n_nodes == 14 and tree.keys.shape[2] == 448  # 0.4375 per token
-    assert tree.keys.dtype == torch.bfloat16
+    assert tree.keys.dtype == torch.int8 and tree.key_scales.shape == (1, tree.keys.shape[1], 448)  # default codec
 
 
 def synthetic_tree(routes: torch.Tensor, height: int, counts: torch.Tensor | None = None) -> ContextTree:

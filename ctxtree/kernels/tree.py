@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ctxtree.kernels.codec import CODECS, decode_kv, encode_kv
 from ctxtree.kernels.compressor import compress_nodes
 from ctxtree.kernels.llama import Llama
 
-CODECS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 POLICIES = ("query", "vector", "right")
 
@@ -34,7 +34,9 @@ class TreeConfig:
     chunk_len: int = 256     # L: tokens per chunk
     height: int = 3          # h: tree height
     keep: int = 32           # p: kept positions per node of a full chunk
-    codec: str = "bf16"      # storage dtype of K/V and routing vectors
+    # int8 codes + one bf16 scale per (layer, head, position): half of bf16's bytes, no
+    # measured accuracy loss (kernels/codec.py, docs/quality.md "Stored K/V codecs")
+    codec: str = "int8"      # stored K/V: bf16 | fp16 | fp32 | int8 | fp8
     dtype: str = "float32"   # compute dtype of the compressor
 
     def __post_init__(self) -> None:
@@ -103,7 +105,8 @@ class ContextTree:
     """Stored nodes of chunks [first_chunk, first_chunk + C) of one document.
 
     keys/values: [M, Hkv, P, Dh] in the codec dtype, P = kept positions of all nodes,
-    ordered chunk-major then stored-node order; routes: [C, N, D];
+    ordered chunk-major then stored-node order; key_scales/value_scales: [M, Hkv, P]
+    bf16 for a quantized codec, else None (kernels/codec.py); routes: [C, N, D];
     node_offsets: [C*N + 1] int64, node (c, j) owns positions node_offsets[c*N+j : c*N+j+1];
     tokens: [sum(chunk_lengths)] int32, the chunks' token ids (what search matches the
     question against, see search()).
@@ -116,6 +119,8 @@ class ContextTree:
     routes: Tensor
     node_offsets: Tensor
     tokens: Tensor
+    key_scales: Tensor | None = None
+    value_scales: Tensor | None = None
 
     @property
     def n_chunks(self) -> int:
@@ -131,7 +136,8 @@ class ContextTree:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.keys, self.values, self.routes, self.node_offsets, self.tokens))
+                   for t in (self.keys, self.values, self.routes, self.node_offsets, self.tokens,
+                             self.key_scales, self.value_scales) if t is not None)
 
 
 @torch.no_grad()
@@ -154,7 +160,8 @@ def build_tree(model: Llama, token_ids: Tensor, cfg: TreeConfig, first_chunk: in
         for j, (s, e) in enumerate(node_spans(end - start, cfg.height)[1:]):
             work.append((c, j, token_ids[start + s:start + e], kept_positions(e - s, keep)))
 
-    states: dict[tuple[int, int], tuple[list[Tensor], list[Tensor], Tensor]] = {}
+    # (chunk, node) -> K codes, K scales, V codes, V scales ([M,Hkv,k,Dh] / [M,Hkv,k]), route
+    states: dict[tuple[int, int], tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]] = {}
     todo = sorted((w for w in work if w[2].numel() > 0), key=lambda w: -w[2].numel())
     i = 0
     while i < len(todo):
@@ -166,26 +173,32 @@ def build_tree(model: Llama, token_ids: Tensor, cfg: TreeConfig, first_chunk: in
         for row, (c, j, _, kept) in enumerate(batch):
             kept_t = torch.tensor(kept, device=model.device)
             # trees live on the CPU: they are serialized, stored and shipped between processes
-            states[(c, j)] = ([k[row][:, kept_t].to("cpu", codec) for k in out.keys],
-                              [v[row][:, kept_t].to("cpu", codec) for v in out.values],
-                              out.routes[row].to("cpu", codec))
+            k = torch.stack([k[row][:, kept_t] for k in out.keys]).to("cpu")  # [M,Hkv,k,Dh]
+            v = torch.stack([v[row][:, kept_t] for v in out.values]).to("cpu")
+            states[(c, j)] = (*encode_kv(k, codec), *encode_kv(v, codec),
+                              out.routes[row].to("cpu", codec.routes_dtype))
 
     cfg_model = model.cfg
-    keys, values = [], []
-    routes = torch.zeros(len(bounds), n_nodes, cfg_model.hidden_size, dtype=codec)
+    parts: list[tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor]] = []
+    routes = torch.zeros(len(bounds), n_nodes, cfg_model.hidden_size, dtype=codec.routes_dtype)
     counts = []
     for c, j, _, kept in work:
         if (c, j) in states:
-            k, v, r = states[(c, j)]
-            keys.append(torch.stack(k))      # [M,Hkv,k,Dh]
-            values.append(torch.stack(v))
-            routes[c, j] = r
+            parts.append(states[(c, j)])
+            routes[c, j] = states[(c, j)][4]
         counts.append(len(kept) if (c, j) in states else 0)
     offsets = torch.zeros(len(work) + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    keys, key_scales, values, value_scales = (_cat_positions([p[i] for p in parts]) for i in range(4))
     return ContextTree(config=cfg, chunk_lengths=[e - s for s, e in bounds], first_chunk=first_chunk,
-                       keys=torch.cat(keys, dim=2), values=torch.cat(values, dim=2),
-                       routes=routes, node_offsets=offsets, tokens=token_ids.to("cpu", torch.int32).clone())
+                       keys=keys, values=values, routes=routes, node_offsets=offsets,
+                       tokens=token_ids.to("cpu", torch.int32).clone(),
+                       key_scales=key_scales, value_scales=value_scales)
+
+
+def _cat_positions(parts: list) -> Tensor | None:
+    """Join per-node K/V codes or scales along the position axis (2); None stays None."""
+    return None if parts[0] is None else torch.cat(parts, dim=2)
 
 
 def concat_trees(parts: list[ContextTree]) -> ContextTree:
@@ -212,20 +225,31 @@ def concat_trees(parts: list[ContextTree]) -> ContextTree:
         routes=torch.cat([p.routes for p in parts]),
         node_offsets=torch.cat(offsets),
         tokens=torch.cat([p.tokens for p in parts]),
+        key_scales=_cat_positions([p.key_scales for p in parts]),
+        value_scales=_cat_positions([p.value_scales for p in parts]),
     )
 
 
-def slice_tree(tree: ContextTree, start: int, end: int) -> ContextTree:
-    """Chunks [start, end) of the tree (relative indices), as its own ContextTree."""
+def slice_tree(tree: ContextTree, start: int, end: int, copy: bool = True) -> ContextTree:
+    """Chunks [start, end) of the tree (relative indices), as its own ContextTree.
+    copy=False: views of the tree's tensors (for a slice that is encoded at once)."""
     n = tree.config.n_nodes
     lo, hi = int(tree.node_offsets[start * n]), int(tree.node_offsets[end * n])
+
+    def own(t: Tensor) -> Tensor:
+        return t.clone() if copy else t
+
+    def positions(t: Tensor | None) -> Tensor | None:
+        return None if t is None else own(t[:, :, lo:hi])
+
     return ContextTree(
         config=tree.config, chunk_lengths=tree.chunk_lengths[start:end],
         first_chunk=tree.first_chunk + start,
-        keys=tree.keys[:, :, lo:hi].clone(), values=tree.values[:, :, lo:hi].clone(),
-        routes=tree.routes[start:end].clone(),
+        keys=positions(tree.keys), values=positions(tree.values),
+        routes=own(tree.routes[start:end]),
         node_offsets=tree.node_offsets[start * n:end * n + 1] - lo,
-        tokens=tree.tokens[sum(tree.chunk_lengths[:start]):sum(tree.chunk_lengths[:end])].clone())
+        tokens=own(tree.tokens[sum(tree.chunk_lengths[:start]):sum(tree.chunk_lengths[:end])]),
+        key_scales=positions(tree.key_scales), value_scales=positions(tree.value_scales))
 
 
 # ---- search (method.md §4) ----------------------------------------------------------
@@ -373,7 +397,8 @@ def injected_chunks(selected: Tensor) -> Tensor:
 
 
 def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """K, V [M, Hkv, S, Dh] and chunk index [S] (relative to the tree) of the selected nodes.
+    """K, V [M, Hkv, S, Dh] and chunk index [S] (relative to the tree) of the selected nodes,
+    decoded (float32 for a quantized codec, the stored float dtype otherwise).
 
     selected: heap indices [C, k] as returned by search(); rows of NOT_INJECTED are skipped.
     """
@@ -389,4 +414,7 @@ def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, T
     positions = base + torch.arange(total)
     chunk_of_node = chunks.repeat_interleave(selected.shape[1])
     chunk_index = torch.repeat_interleave(chunk_of_node, counts)
-    return tree.keys[:, :, positions], tree.values[:, :, positions], chunk_index
+    def decoded(codes: Tensor, scales: Tensor | None) -> Tensor:
+        return decode_kv(codes[:, :, positions], None if scales is None else scales[:, :, positions])
+
+    return decoded(tree.keys, tree.key_scales), decoded(tree.values, tree.value_scales), chunk_index

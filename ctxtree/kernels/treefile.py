@@ -9,7 +9,8 @@ Layout (all integers little-endian):
                twins share shards), n_tokens (whole document),
                chunk_start/chunk_end, n_chunks_total, chunk_lengths, tree config,
                codec, payload_len, tensor shapes and dtypes
-    payload    safetensors bytes: keys, values, routes, node_offsets, tokens
+    payload    safetensors bytes: keys, values, routes, node_offsets, tokens, and for a
+               quantized codec (int8, fp8) key_scales, value_scales
     checksum   32 bytes sha256 of everything above
 
 Never pickle: objects come from storage and must not be able to execute code.
@@ -27,13 +28,17 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from ctxtree.kernels.tree import CODECS, ContextTree, TreeConfig, keep_per_node, kept_positions, node_spans, slice_tree
+from ctxtree.kernels.codec import CODECS, SCALE_DTYPE
+from ctxtree.kernels.tree import ContextTree, TreeConfig, keep_per_node, kept_positions, node_spans, slice_tree
 
 MAGIC = b"CTXTREE\x00"
-FORMAT_VERSION = 2  # 2: + tokens (the chunks' token ids, for search)
+# 2: + tokens (the chunks' token ids, for search). The quantized codecs' scales are
+# two more tensors named by the codec, so version-2 bf16 objects written before them load.
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sII")
 _DIGEST = 32
 _TENSORS = ("keys", "values", "routes", "node_offsets", "tokens")
+_SCALES = ("key_scales", "value_scales")
 
 
 class CorruptTreeError(ValueError):
@@ -51,10 +56,18 @@ class TreeShard:
 
 
 def encode_shard(shard: TreeShard) -> bytes:
+    return encode_shard_digest(shard)[0]
+
+
+def encode_shard_digest(shard: TreeShard) -> tuple[bytes, str]:
+    """The object's bytes and the sha256 of all of them (what a manifest records), in one
+    pass over the bytes: the trailing checksum is the same hash stopped before itself."""
     tree = shard.tree
     tensors = {"keys": tree.keys.contiguous(), "values": tree.values.contiguous(),
                "routes": tree.routes.contiguous(), "node_offsets": tree.node_offsets.contiguous(),
                "tokens": tree.tokens.contiguous()}
+    if tree.key_scales is not None and tree.value_scales is not None:
+        tensors.update(key_scales=tree.key_scales.contiguous(), value_scales=tree.value_scales.contiguous())
     payload = st_save(tensors)
     header = {
         "fingerprint": shard.fingerprint, "doc_id": shard.doc_id, "n_tokens": shard.n_tokens,
@@ -65,12 +78,17 @@ def encode_shard(shard: TreeShard) -> bytes:
                     for k, v in tensors.items()},
     }
     head = json.dumps(header, sort_keys=True).encode()
-    body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + payload
-    return body + hashlib.sha256(body).digest()
+    front = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head
+    h = hashlib.sha256(front)
+    h.update(payload)
+    checksum = h.digest()  # sha256(body); the hash goes on over the checksum itself
+    h.update(checksum)
+    return b"".join((front, payload, checksum)), h.hexdigest()
 
 
-def decode_shard(data: bytes, name: str = "tree object") -> TreeShard:
-    """Parse and fully verify a tree object; `name` says which one in error messages."""
+def decode_shard(data: bytes, name: str = "tree object", sha256: str | None = None) -> TreeShard:
+    """Parse and fully verify a tree object; `name` says which one in error messages.
+    sha256: what a manifest recorded for the whole object (checked in the same pass)."""
     if len(data) < _PREFIX.size + _DIGEST:
         raise CorruptTreeError(f"{name}: {len(data)} bytes is too short to be a tree object (truncated?)")
     magic, version, head_len = _PREFIX.unpack_from(data)
@@ -80,18 +98,29 @@ def decode_shard(data: bytes, name: str = "tree object") -> TreeShard:
         hint = "; it was written by an older ctxtree: compress the document again" if version < FORMAT_VERSION else ""
         raise CorruptTreeError(f"{name}: format version {version} is not supported (this build reads "
                                f"{FORMAT_VERSION}){hint}")
-    body, digest = data[:-_DIGEST], data[-_DIGEST:]
-    if hashlib.sha256(body).digest() != digest:
+    view = memoryview(data)
+    body, digest = view[:-_DIGEST], bytes(view[-_DIGEST:])
+    h = hashlib.sha256(body)
+    if h.digest() != digest:
         raise CorruptTreeError(f"{name}: checksum mismatch ({len(data)} bytes): the object is truncated or corrupted")
+    if sha256 is not None:
+        h.update(digest)
+        if h.hexdigest() != sha256:
+            raise CorruptTreeError(f"{name}: intact, but not the object its manifest records (checksum differs)")
     try:
-        header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len])
-        payload = body[_PREFIX.size + head_len:]
+        header = json.loads(bytes(body[_PREFIX.size:_PREFIX.size + head_len]))
+        payload = bytes(body[_PREFIX.size + head_len:])  # the one copy: safetensors reads bytes
         if len(payload) != header["payload_len"]:
             raise CorruptTreeError(f"{name}: payload is {len(payload)} bytes, header says {header['payload_len']}")
         tensors = st_load(payload)
         config = TreeConfig.from_dict(header["tree_config"])
+        scales = _SCALES if CODECS[config.codec].quantized else ()
+        extra = set(tensors) - set(_TENSORS) - set(scales)
+        if extra:
+            raise CorruptTreeError(f"{name}: unexpected tensors {sorted(extra)} for codec {config.codec}")
         tree = ContextTree(config=config, chunk_lengths=[int(n) for n in header["chunk_lengths"]],
-                           first_chunk=int(header["chunk_start"]), **{k: tensors[k] for k in _TENSORS})
+                           first_chunk=int(header["chunk_start"]),
+                           **{k: tensors[k] for k in (*_TENSORS, *scales)})
         shard = TreeShard(fingerprint=header["fingerprint"], doc_id=header["doc_id"],
                           n_tokens=int(header["n_tokens"]), n_chunks_total=int(header["n_chunks_total"]),
                           tree=tree)
@@ -124,9 +153,17 @@ def _check_consistent(shard: TreeShard, header: dict, name: str) -> None:
                         f"({sum(tree.chunk_lengths)},) int32")
     elif tree.tokens.numel() and int(tree.tokens.min()) < 0:
         problems.append("negative token ids")
-    want = CODECS[cfg.codec]
-    if any(t.dtype != want for t in (tree.keys, tree.values, tree.routes)):
+    codec = CODECS[cfg.codec]
+    if tree.keys.dtype != codec.dtype or tree.values.dtype != codec.dtype or tree.routes.dtype != codec.routes_dtype:
         problems.append(f"tensor dtypes do not match codec {cfg.codec}")
+    for scales in (tree.key_scales, tree.value_scales) if codec.quantized else ():
+        if scales is None or scales.shape != tree.keys.shape[:3] or scales.dtype != SCALE_DTYPE:
+            problems.append(f"scales {None if scales is None else tuple(scales.shape)} do not match keys "
+                            f"{tuple(tree.keys.shape)} ({SCALE_DTYPE} expected)")
+            break
+        if not bool(torch.isfinite(scales).all()):
+            problems.append("non-finite scales")
+            break
     last_of_doc = header["chunk_end"] == shard.n_chunks_total
     for i, length in enumerate(tree.chunk_lengths):
         is_last = last_of_doc and i == c - 1
@@ -144,13 +181,25 @@ def _check_consistent(shard: TreeShard, header: dict, name: str) -> None:
         raise CorruptTreeError(f"{name}: inconsistent contents: " + "; ".join(problems))
 
 
+def chunk_nbytes(tree: ContextTree) -> list[int]:
+    """slice_tree(tree, c, c + 1).nbytes() of every chunk c, from the layout (no copies)."""
+    n = tree.config.n_nodes
+    per_position = sum(t[:, :, :1].numel() * t.element_size()
+                       for t in (tree.keys, tree.values, tree.key_scales, tree.value_scales) if t is not None)
+    per_chunk_fixed = (tree.routes[0].numel() * tree.routes.element_size()
+                       + (n + 1) * tree.node_offsets.element_size())
+    positions = tree.node_offsets[::n]
+    return [int(positions[c + 1] - positions[c]) * per_position + per_chunk_fixed
+            + length * tree.tokens.element_size() for c, length in enumerate(tree.chunk_lengths)]
+
+
 def shard_tree(fingerprint: str, doc_id: str, tree: ContextTree, n_chunks_total: int, n_tokens: int,
                max_shard_bytes: int) -> list[TreeShard]:
     """Split into shards of consecutive chunks whose tensors stay under max_shard_bytes
     (a single chunk larger than that gets a shard of its own)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    per_chunk = [slice_tree(tree, c, c + 1).nbytes() for c in range(tree.n_chunks)]
+    per_chunk = chunk_nbytes(tree)
     shards, start, size = [], 0, 0
     for c, nbytes in enumerate(per_chunk):
         if c > start and size + nbytes > max_shard_bytes:
@@ -158,4 +207,7 @@ def shard_tree(fingerprint: str, doc_id: str, tree: ContextTree, n_chunks_total:
             start, size = c, 0
         size += nbytes
     shards.append((start, tree.n_chunks))
-    return [TreeShard(fingerprint, doc_id, n_tokens, n_chunks_total, slice_tree(tree, s, e)) for s, e in shards]
+    # views, not copies: encoding a shard makes its one contiguous copy (none when one shard
+    # holds the whole tree)
+    return [TreeShard(fingerprint, doc_id, n_tokens, n_chunks_total, slice_tree(tree, s, e, copy=False))
+            for s, e in shards]

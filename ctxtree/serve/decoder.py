@@ -49,8 +49,8 @@ class ServeArgs(BaseModel):
     chunk_len: int = TreeConfig.chunk_len
     height: int = TreeConfig.height
     keep: int = TreeConfig.keep
-    codec: str = "bf16"
-    dtype: str = "float32"
+    codec: str = TreeConfig.codec
+    dtype: str = TreeConfig.dtype
     cache_mb: float = Field(default=1024, gt=0)
     max_documents: int = Field(default=16, ge=1)
     max_question_tokens: int = Field(default=1024, ge=1)
