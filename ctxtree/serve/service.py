@@ -9,6 +9,7 @@ the cache (RequestTooLarge, TooLarge), invalid settings (ValueError).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,9 @@ class DecoderService:
         if len(prompt) > self.config.max_question_tokens:
             raise RequestTooLarge(f"the question is {len(prompt)} tokens; the limit is "
                                   f"{self.config.max_question_tokens}")
-        cached = [await self.cache.get(doc_id) for doc_id in documents]
+        # every document loads at once (the cache joins loads of one document and fetches
+        # different ones concurrently): a request's load time is its slowest document's
+        cached = await asyncio.gather(*(self.cache.get(doc_id) for doc_id in documents))
         t_loaded = time.perf_counter()
         request = GenRequest(prompt=prompt, query_index=query_index,
                              question_ids=question_tokens(self.rt.tokenizer, question), trees=[c.tree for c in cached],
@@ -167,7 +170,7 @@ class DecoderService:
                             load_ms=loads)
 
     async def prewarm(self, documents: list[str]) -> dict:
-        loaded = [await self.cache.get(d) for d in documents]
+        loaded = await asyncio.gather(*(self.cache.get(d) for d in documents))
         return {"documents": documents, "bytes": sum(c.nbytes for c in loaded)}
 
     def close(self) -> None:
