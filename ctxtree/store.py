@@ -329,8 +329,14 @@ class TreeStore:
         if named != doc_id:
             raise Corrupt(f"{name}: the id pointer is for another document")
         if fingerprint is not None and fp != fingerprint:
-            raise FingerprintMismatch(f"document {doc_id!r} was compressed under model fingerprint {fp[:16]}..., "
-                                      f"this decoder has {fingerprint[:16]}...: recompress it with this model")
+            try:  # say which tree settings it has: a store written with another codec is served with that one
+                settings = ", ".join(f"{k}={v}" for k, v in sorted(self.manifest_for_key(fp, key).tree_config.items()))
+            except StoreError:
+                settings = "unreadable"
+            raise FingerprintMismatch(f"document {doc_id!r} was compressed under model fingerprint {fp[:16]}... "
+                                      f"(tree settings: {settings}), this decoder has {fingerprint[:16]}...: "
+                                      "serve it with the model and tree settings it was compressed with "
+                                      "(e.g. --codec), or recompress it with this model")
         manifest = self.manifest_for_key(fp, key)
         # The trees must have been committed for this id: by it (the manifest names it) or
         # by a twin with the same text (a binding records it). Stores written before

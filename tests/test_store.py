@@ -72,7 +72,7 @@ def test_committed_document_loads_back_bit_exactly(store, tree):
     manifest = store.manifest("contracts/a.txt", FP)
     assert manifest == written and store.is_committed(FP, written.key)
     back = store.load_tree(manifest)
-    for name in ("keys", "values", "routes", "node_offsets"):
+    for name in ("keys", "values", "routes", "node_offsets", "tokens", "key_scales", "value_scales"):
         assert torch.equal(getattr(back, name), getattr(tree, name)), name
     assert back.chunk_lengths == tree.chunk_lengths
     assert list(store.document_ids()) == ["contracts/a.txt"]
@@ -87,8 +87,9 @@ def test_uncommitted_document_is_invisible(store, tree):
 
 def test_corrupt_shard_and_foreign_fingerprint_are_errors(store, tree):
     manifest = write_document(store, "c", "text of c", tree)
-    with pytest.raises(FingerprintMismatch, match="recompress"):
+    with pytest.raises(FingerprintMismatch, match="recompress") as err:
         store.manifest("c", "b" * 64)
+    assert f"codec={tree.config.codec}" in str(err.value)  # which settings serve it
     data = bytearray(store.objects.get(manifest.shards[1].name))
     data[len(data) // 2] ^= 1
     store.objects.put(manifest.shards[1].name, bytes(data))
