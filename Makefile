@@ -45,6 +45,8 @@ bench: install
 	$(PY) -m bench.core
 	$(PY) -m bench.pipeline
 	$(PY) -m bench.serve --store ctxtree-data
+	$(PY) -m bench.treeload --store ctxtree-data
+	$(PY) -m bench.codec
 
 lock:
 	rm -rf .lock-venv

@@ -33,8 +33,9 @@ QUESTIONS = ["What is this document about?", "Who may copy it?", "What does it s
              "What must a distributor do?"]
 
 
-def server(store: str, max_batch: int, max_queued: int) -> ServeProcess:
-    return ServeProcess(store, ("--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued)))
+def server(store: str, max_batch: int, max_queued: int, adapter: str | None) -> ServeProcess:
+    return ServeProcess(store, ("--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued),
+                                *(("--adapter", adapter) if adapter else ())))
 
 
 def ask(url: str, i: int, max_tokens: int) -> dict:
@@ -47,6 +48,7 @@ def ask(url: str, i: int, max_tokens: int) -> dict:
     if r.status_code == 200:
         out["ttft_s"] = r.json()["timings"]["ttft_ms"] / 1000
         out["load_ms"] = r.json()["timings"]["load_ms"]
+        out["completion_tokens"] = r.json()["usage"]["completion_tokens"]
     return out
 
 
@@ -69,6 +71,8 @@ def run_load(url: str, n: int, concurrency: int, max_tokens: int, budget_s: floa
             "overloaded_503": sum(r["status"] == 503 for r in results),
             "requests_per_s": len(ok) / wall if wall > 0 else 0.0,
             "ttft_p50_s": statistics.median(r["ttft_s"] for r in ok) if ok else 0.0,
+            # requests/s depends on answer length: the adapter's answers end when it stops
+            "completion_tokens_mean": statistics.mean(r["completion_tokens"] for r in ok) if ok else 0.0,
             "latency_p50_s": pct(0.5), "latency_p99_s": pct(0.99), "wall_s": wall}
 
 
@@ -80,10 +84,13 @@ def main() -> None:
     parser.add_argument("--sweep-requests", type=int, default=16)
     parser.add_argument("--load-requests", type=int, default=300)
     parser.add_argument("--budget-s", type=float, default=900, help="time bound of each load loop")
+    parser.add_argument("--adapter", default=None,
+                        help="the server's --adapter (default: the shipped one; 'none': the base model, whose "
+                             "answers run to --max-tokens)")
     args = parser.parse_args()
-    result: dict = {"max_tokens": args.max_tokens, "cpus": os.cpu_count()}
+    result: dict = {"max_tokens": args.max_tokens, "cpus": os.cpu_count(), "adapter": args.adapter or "shipped"}
 
-    srv = server(args.store, max_batch=8, max_queued=64)
+    srv = server(args.store, max_batch=8, max_queued=64, adapter=args.adapter)
     try:
         miss = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]     # first touch: loads
         hit = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]      # now resident
@@ -108,7 +115,7 @@ def main() -> None:
     finally:
         srv.stop()
 
-    srv = server(args.store, max_batch=1, max_queued=64)
+    srv = server(args.store, max_batch=1, max_queued=64, adapter=args.adapter)
     try:
         off = run_load(srv.url, args.sweep_requests, 8, args.max_tokens, args.budget_s)
     finally:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterator
 from urllib.parse import urlparse
@@ -53,6 +54,9 @@ class UnknownDocument(NotFound):
 
 class Corrupt(StoreError):
     """An object whose bytes do not match what its manifest recorded, or do not parse."""
+
+
+LOAD_THREADS = 4  # shards of one document fetched and verified at once
 
 
 class FingerprintMismatch(StoreError):
@@ -359,28 +363,36 @@ class TreeStore:
             return self._load_tree(manifest)
 
     def _load_tree(self, manifest: Manifest) -> ContextTree:
-        parts = []
-        for s in manifest.shards:
-            data = self.objects.get(s.name)
-            if len(data) != s.bytes:
-                raise Corrupt(f"{s.name}: {len(data)} bytes, its manifest records {s.bytes}: a checksum cannot match")
-            try:
-                shard = decode_shard(data, s.name, s.sha256)  # one pass: the object's and the manifest's checksum
-            except CorruptTreeError as e:
-                raise Corrupt(str(e)) from e
-            # Every shard is bound to the document the manifest describes: its key,
-            # fingerprint, totals, tree settings and chunk range.
-            # (The header's doc_id field holds the document key: shards are shared by twins.)
-            header = (shard.doc_id, shard.fingerprint, shard.n_tokens, shard.n_chunks_total,
-                      shard.tree.config.to_dict(), shard.tree.first_chunk, shard.tree.first_chunk + shard.tree.n_chunks)
-            if header != (manifest.key, manifest.fingerprint, manifest.n_tokens, manifest.n_chunks,
-                          manifest.tree_config, s.chunk_start, s.chunk_end):
-                raise Corrupt(f"{s.name}: header does not match its manifest")
-            parts.append(shard.tree)
+        # Shards are fetched and verified concurrently: S3 latency overlaps, and the
+        # checksum (the CPU cost of a load: sha256 is slower than a page-cache read)
+        # runs on several cores (hashlib releases the GIL).
+        if len(manifest.shards) == 1:
+            parts = [self._load_shard(manifest, manifest.shards[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(LOAD_THREADS, len(manifest.shards))) as pool:
+                parts = list(pool.map(lambda s: self._load_shard(manifest, s), manifest.shards))
         tree = concat_trees(parts)
         if tree.n_tokens != manifest.n_tokens:
             raise Corrupt(f"shards hold {tree.n_tokens} tokens, the manifest says {manifest.n_tokens}")
         return tree
+
+    def _load_shard(self, manifest: Manifest, s: ShardRecord) -> ContextTree:
+        data = self.objects.get(s.name)
+        if len(data) != s.bytes:
+            raise Corrupt(f"{s.name}: {len(data)} bytes, its manifest records {s.bytes}: a checksum cannot match")
+        try:
+            shard = decode_shard(data, s.name, s.sha256)  # one pass: the object's and the manifest's checksum
+        except CorruptTreeError as e:
+            raise Corrupt(str(e)) from e
+        # Every shard is bound to the document the manifest describes: its key,
+        # fingerprint, totals, tree settings and chunk range.
+        # (The header's doc_id field holds the document key: shards are shared by twins.)
+        header = (shard.doc_id, shard.fingerprint, shard.n_tokens, shard.n_chunks_total,
+                  shard.tree.config.to_dict(), shard.tree.first_chunk, shard.tree.first_chunk + shard.tree.n_chunks)
+        if header != (manifest.key, manifest.fingerprint, manifest.n_tokens, manifest.n_chunks,
+                      manifest.tree_config, s.chunk_start, s.chunk_end):
+            raise Corrupt(f"{s.name}: header does not match its manifest")
+        return shard.tree
 
     def document_ids(self) -> Iterator[str]:
         for name in self.objects.list("ids"):

@@ -52,6 +52,18 @@ def test_non_finite_values_are_refused():
         encode_kv(x, CODECS["int8"])
 
 
+def test_bytes_per_level_account_for_the_whole_tree(tiny_model):
+    from bench.codec import bytes_per_level
+
+    tree = build_tree(tiny_model, torch.randint(3, 97, (128,), generator=torch.Generator().manual_seed(1)),
+                      TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4))
+    per_level = bytes_per_level(tree)
+    assert list(per_level) == ["level1", "level2", "level3", "routes", "tokens"]
+    assert per_level["level1"] * 2 == pytest.approx(per_level["level2"])  # p positions per node, 2x the nodes
+    offsets = tree.node_offsets.numel() * tree.node_offsets.element_size()
+    assert sum(per_level.values()) * tree.n_tokens == pytest.approx(tree.nbytes() - offsets)
+
+
 def test_real_trees_are_half_the_bytes_and_close_to_bf16(smollm_runtime):
     rt = smollm_runtime
     ids = torch.tensor(rt.tokenizer((REPO / "samples" / "GPL-3.txt").read_text())["input_ids"][:1024])
