@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from bench.quality import LENGTHS, value_kind_of
+from bench.quality import heldout_samples
 from ctxtree.answer import answer_question
 from ctxtree.kernels.codec import CODECS
 from ctxtree.kernels.fingerprint import model_fingerprint
@@ -31,7 +31,7 @@ from ctxtree.kernels.tree import ContextTree, TreeConfig, build_tree
 from ctxtree.kernels.treefile import encode_shard, shard_tree
 from ctxtree.kernels.weights import tokenizer_digest
 from ctxtree.pipelines.chunk_pool import ChunkCache
-from ctxtree.pipelines.data import KINDS, is_correct, load_haystack, make_sample
+from ctxtree.pipelines.data import KINDS, is_correct, load_haystack
 from ctxtree.pipelines.document import CompressSettings
 from ctxtree.prompt import document_tokens
 from ctxtree.runtime import cache_dir, load_runtime
@@ -87,23 +87,19 @@ def main() -> None:
     haystack = load_haystack(rt.tokenizer, "heldout")
     sampling = SamplingConfig(max_tokens=args.max_tokens)
     records = []
-    for length in args.lengths:
-        for kind in args.kinds:
-            for i in range(args.questions):
-                values = value_kind_of(kind, i)
-                s = make_sample(rt.tokenizer, haystack, i, length, kind, seed=args.seed,
-                                align=rt.tree_config.chunk_len, values=values)
-                line = []
-                for c, cache in caches.items():
-                    trees = [cache.document(d) for d in s.documents]
-                    t0 = time.perf_counter()
-                    answer = answer_question(rt, trees, s.question, sampling)
-                    ok = is_correct(answer.text, s)
-                    records.append({"codec": c, "length": length, "kind": kind, "index": i, "values": values,
-                                    "correct": ok, "seconds": time.perf_counter() - t0,
-                                    "answer": answer.text[:80], "expected": s.answers})
-                    line.append(f"{c}={'Y' if ok else 'n'}")
-                print(f"[codec] {length} {kind} {i}: {' '.join(line)}", flush=True)
+    for length, kind, i, values, s in heldout_samples(rt, haystack, args.lengths, args.kinds, args.questions,
+                                                      args.seed):
+        line = []
+        for c, cache in caches.items():
+            trees = [cache.document(d) for d in s.documents]
+            t0 = time.perf_counter()
+            answer = answer_question(rt, trees, s.question, sampling)
+            ok = is_correct(answer.text, s)
+            records.append({"codec": c, "length": length, "kind": kind, "index": i, "values": values,
+                            "correct": ok, "seconds": time.perf_counter() - t0,
+                            "answer": answer.text[:80], "expected": s.answers})
+            line.append(f"{c}={'Y' if ok else 'n'}")
+        print(f"[codec] {length} {kind} {i}: {' '.join(line)}", flush=True)
 
     results = {}
     ref = {(r["length"], r["kind"], r["index"]): r["answer"] for r in records if r["codec"] == args.codecs[0]}

@@ -169,6 +169,16 @@ def value_kind_of(kind: str, index: int) -> str:
     return VALUE_KINDS[index % len(VALUE_KINDS)] if kind in ("single", "multi") else "digits"
 
 
+def heldout_samples(rt, haystack, lengths: list[int], kinds: list[str], questions: int, seed: int):
+    """(length, kind, index, value kind, Sample) of the benchmark's held-out lookups, in order."""
+    for length in lengths:
+        for kind in kinds:
+            for i in range(questions):
+                values = value_kind_of(kind, i)
+                yield length, kind, i, values, make_sample(rt.tokenizer, haystack, i, length, kind, seed=seed,
+                                                           align=rt.tree_config.chunk_len, values=values)
+
+
 def summarize(records: list[dict], height: int) -> dict:
     """Per method and length: accuracy, per needle kind, seconds per question, and where
     search put the asked values (the finest level, where every position is kept, or coarser)."""
@@ -248,7 +258,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter,
-                      top_chunks=args.top_chunks)
+                      top_chunks=args.top_chunks, device=args.device)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none", rt.decoder.top_chunks)
@@ -261,54 +271,50 @@ def main() -> None:
     build_s, built_tokens = 0.0, 0
     records = []
     t_start = time.perf_counter()
-    for length in args.lengths:
-        for kind in args.kinds:
-            for i in range(args.questions):
-                values = value_kind_of(kind, i)
-                s = make_sample(rt.tokenizer, haystack, i, length, kind, seed=args.seed,
-                                align=rt.tree_config.chunk_len, values=values)
-                t0, before = time.perf_counter(), chunks.built
-                trees = [chunks.document(d) for d in s.documents]
-                if chunks.built > before:
-                    build_s += time.perf_counter() - t0
-                    built_tokens += (chunks.built - before) * rt.tree_config.chunk_len
-                texts = None
-                for method in args.methods:
-                    if method in INJECTED + ("teacher",) and adapter_dir is None:
-                        continue  # teacher: the chunks the adapter's search selects (none: the whole document)
-                    if (method == "base" and args.base_questions is not None and length > 4096
-                            and i >= args.base_questions):
-                        continue
-                    t0 = time.perf_counter()
-                    level = None
-                    if method in INJECTED + ("zero",):
-                        rt.decoder = decoders[method]
-                        answer = answer_question(rt, trees, s.question, sampling,
-                                                 policy=method if method in ("vector", "right") else "query")
-                        ans = answer.text
-                        level = [injected_level(trees[d], answer.selections[d], pos)
-                                 for d, pos in s.answer_positions]
-                    else:
-                        texts = texts or s.texts(rt.tokenizer)
-                        if method == "teacher":
-                            _, selections = search(rt, trees, s.question)
-                            context = selected_text(rt, trees, selections)
-                        elif method == "base":
-                            context = base_context(rt, s.documents, s.question, args.max_tokens)
-                        else:
-                            ps = [p for t in texts for p in passages(t)]
-                            top = sorted(bm25_top(s.question, ps, args.bm25_k))
-                            context = "\n\n".join(ps[j] for j in top)
-                        ans = base_answer(rt, base_decoder, context, s.question, sampling)
-                    dt = time.perf_counter() - t0
-                    ok = is_correct(ans, s)
-                    records.append({"method": method, "length": length, "kind": kind, "index": i, "values": values,
-                                    "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers,
-                                    "answer_level": level})
-                print(f"[quality] {length} {kind} {i}: " + " ".join(
-                    f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
-                    if r["length"] == length and r["kind"] == kind and r["index"] == i),
-                    f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+    for length, kind, i, values, s in heldout_samples(rt, haystack, args.lengths, args.kinds, args.questions,
+                                                      args.seed):
+        t0, before = time.perf_counter(), chunks.built
+        trees = [chunks.document(d) for d in s.documents]
+        if chunks.built > before:
+            build_s += time.perf_counter() - t0
+            built_tokens += (chunks.built - before) * rt.tree_config.chunk_len
+        texts = None
+        for method in args.methods:
+            if method in INJECTED + ("teacher",) and adapter_dir is None:
+                continue  # teacher: the chunks the adapter's search selects (none: the whole document)
+            if (method == "base" and args.base_questions is not None and length > 4096
+                    and i >= args.base_questions):
+                continue
+            t0 = time.perf_counter()
+            level = None
+            if method in INJECTED + ("zero",):
+                rt.decoder = decoders[method]
+                answer = answer_question(rt, trees, s.question, sampling,
+                                         policy=method if method in ("vector", "right") else "query")
+                ans = answer.text
+                level = [injected_level(trees[d], answer.selections[d], pos)
+                         for d, pos in s.answer_positions]
+            else:
+                texts = texts or s.texts(rt.tokenizer)
+                if method == "teacher":
+                    _, selections = search(rt, trees, s.question)
+                    context = selected_text(rt, trees, selections)
+                elif method == "base":
+                    context = base_context(rt, s.documents, s.question, args.max_tokens)
+                else:
+                    ps = [p for t in texts for p in passages(t)]
+                    top = sorted(bm25_top(s.question, ps, args.bm25_k))
+                    context = "\n\n".join(ps[j] for j in top)
+                ans = base_answer(rt, base_decoder, context, s.question, sampling)
+            dt = time.perf_counter() - t0
+            ok = is_correct(ans, s)
+            records.append({"method": method, "length": length, "kind": kind, "index": i, "values": values,
+                            "correct": ok, "seconds": dt, "answer": ans[:80], "expected": s.answers,
+                            "answer_level": level})
+        print(f"[quality] {length} {kind} {i}: " + " ".join(
+            f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
+            if r["length"] == length and r["kind"] == kind and r["index"] == i),
+            f"({time.perf_counter() - t_start:.0f} s)", flush=True)
     prose = None
     if args.prose and adapter_dir is not None:
         prose = prose_quality(rt, decoders["query"], decoders["zero"], args.prose, args.seed, sampling)

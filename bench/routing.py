@@ -53,7 +53,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=NO_ADAPTER)
+    rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=NO_ADAPTER,
+                      device=args.device)
     height = rt.tree_config.height
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)

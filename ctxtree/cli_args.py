@@ -28,7 +28,10 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
                    help=f"stored K/V: int8/fp8 codes + a scale per head and position, or a float dtype "
                         f"(default {d.codec}; trees written before int8 was the default are bf16)")
     p.add_argument("--dtype", default=d.dtype, choices=sorted(COMPUTE_DTYPES),
-                   help=f"compute dtype (default {d.dtype})")
+                   help=f"compute dtype (default {d.dtype}; bfloat16 on GPU clusters, for compress and serve alike)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N for the model (default: the GPU if this process has one, "
+                        "i.e. one Ray gave it, else cpu)")
 
 
 def tree_config(args: argparse.Namespace) -> TreeConfig:

@@ -1,6 +1,8 @@
 """Everything a process needs to build trees and answer questions, loaded once:
-the base model (one copy, shared by compressor and decoder), the tokenizer, the
-injection decoder with its adapter, the tree config and the model fingerprint.
+the base model (one copy, shared by compressor and decoder, on one device), the
+tokenizer, the injection decoder with its adapter, the tree config and the model
+fingerprint. Trees stay on the CPU (they are stored and shipped); a request's injected
+K/V move to the model's device (kernels/inject.py request_kv).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ctxtree.kernels.fingerprint import model_fingerprint
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
@@ -61,6 +65,32 @@ class Runtime:
     adapter_dir: Path | None = None   # where the injection weights came from (None: zero-initialised)
 
 
+def default_device() -> torch.device:
+    """cuda when this process sees a GPU, else cpu. Ray hides the GPUs from a task or
+    actor that reserved none (it sets CUDA_VISIBLE_DEVICES empty), so a compress actor or
+    decoder replica runs on the GPU exactly when Ray gave it one (--num-gpus,
+    --replica-gpus)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None: default_device(); else "cpu", "cuda" or "cuda:N", checked to exist here."""
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"device {device!r} is not a device name (cpu, cuda, cuda:N)") from e
+    if d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: only cpu and cuda are supported")
+    if d.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0 or (d.index is not None and d.index >= visible):
+            raise ValueError(f"device {device!r}: this process sees {visible} GPU(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')!r})")
+    return d
+
+
 def shipped_adapter(weights_digest: str) -> Path | None:
     """The shipped adapter trained for these base weights, if there is one."""
     if not SHIPPED_ADAPTERS.is_dir():
@@ -84,14 +114,19 @@ def fingerprint_of(model_path: Path | None = None, tree_config: TreeConfig | Non
 
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
                  adapter: Path | str | None = None, cross_rope: str | None = None,
-                 top_chunks: int | None = None) -> Runtime:
+                 top_chunks: int | None = None, device: str | torch.device | None = None) -> Runtime:
     """adapter: a directory of injection weights; None: the shipped adapter for this base
     model if there is one (and it fits the tree's layers), else zero-initialised; "none":
     zero-initialised. cross_rope, top_chunks: override the adapter's (None: as trained;
-    the zero-initialised decoder keeps every chunk)."""
+    the zero-initialised decoder keeps every chunk). device: where the model and the
+    injection weights live (resolve_device; None: the GPU if this process has one). The
+    compute dtype is the tree config's (part of the fingerprint): on GPU clusters use
+    bfloat16 for both the compress job and the endpoint."""
     tree_config = tree_config or TreeConfig()
+    target = resolve_device(device)
     ckpt = prepare_checkpoint(model_path or default_model_path(), cache_dir())
     model, digest = load_llama(ckpt, COMPUTE_DTYPES[tree_config.dtype])
+    model = model.to(target)  # before the decoder: its modules are made on the model's device
     tokenizer = load_tokenizer(ckpt)
     if adapter is None:
         adapter = shipped_adapter(digest)

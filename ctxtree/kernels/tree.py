@@ -173,9 +173,10 @@ def build_tree(model: Llama, token_ids: Tensor, cfg: TreeConfig, first_chunk: in
         for row, (c, j, _, kept) in enumerate(batch):
             kept_t = torch.tensor(kept, device=model.device)
             # trees live on the CPU: they are serialized, stored and shipped between processes
-            k = torch.stack([k[row][:, kept_t] for k in out.keys]).to("cpu")  # [M,Hkv,k,Dh]
-            v = torch.stack([v[row][:, kept_t] for v in out.values]).to("cpu")
-            states[(c, j)] = (*encode_kv(k, codec), *encode_kv(v, codec),
+            # encoded where they were computed (a GPU moves half the bytes), kept on the CPU
+            k = encode_kv(torch.stack([k[row][:, kept_t] for k in out.keys]), codec)  # codes [M,Hkv,k,Dh], scales [M,Hkv,k]
+            v = encode_kv(torch.stack([v[row][:, kept_t] for v in out.values]), codec)
+            states[(c, j)] = (*(None if t is None else t.cpu() for t in (*k, *v)),
                               out.routes[row].to("cpu", codec.routes_dtype))
 
     cfg_model = model.cfg

@@ -46,6 +46,7 @@ class JobConfig:
     sources: SourceSpec
     model: str | None = None                 # None: the default model
     tree: TreeConfig = field(default_factory=TreeConfig)
+    device: str | None = None                # None: the actor's GPU if Ray gave it one (--num-gpus), else cpu
     settings: CompressSettings = field(default_factory=CompressSettings)
     pool: PoolSettings = field(default_factory=PoolSettings)
     max_failed_fraction: float = 0.1
@@ -59,9 +60,9 @@ class JobConfig:
 # ---- worker side ----------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=2)
-def _runtime(model: str | None, tree: TreeConfig) -> Runtime:
+def _runtime(model: str | None, tree: TreeConfig, device: str | None = None) -> Runtime:
     """One model per worker process (tasks reuse their process across batches)."""
-    return load_runtime(Path(model) if model else None, tree)
+    return load_runtime(Path(model) if model else None, tree, device=device)
 
 
 @functools.lru_cache(maxsize=2)
@@ -110,7 +111,7 @@ class CompressActor:
         # Ray pins OMP threads to int(num_cpus) (1 by default); torch follows the actor's share.
         torch.set_num_threads(max(1, math.ceil(job.pool.num_cpus)))
         self.job = job
-        self.rt = _runtime(job.model, job.tree)
+        self.rt = _runtime(job.model, job.tree, job.device)
         if self.rt.fingerprint != fingerprint:
             raise RuntimeError(f"actor model fingerprint {self.rt.fingerprint[:16]} != driver's {fingerprint[:16]}")
         self.store = _store(job.store)
@@ -239,6 +240,7 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
         sources=SourceSpec(tuple(args.inputs), args.id_column, args.text_column),
         model=args.model,
         tree=tree_config(args),
+        device=args.device,
         settings=CompressSettings(chunks_per_batch=args.chunks_per_batch,
                                   max_shard_bytes=int(args.max_shard_mb * 2 ** 20),
                                   max_doc_bytes=int(args.max_doc_mb * 2 ** 20), max_doc_tokens=args.max_doc_tokens),

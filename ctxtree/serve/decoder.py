@@ -51,6 +51,7 @@ class ServeArgs(BaseModel):
     keep: int = TreeConfig.keep
     codec: str = TreeConfig.codec
     dtype: str = TreeConfig.dtype
+    device: str | None = None  # None: the GPU when the replica has one (ray_actor_options num_gpus)
     cache_mb: float = Field(default=1024, gt=0)
     max_documents: int = Field(default=16, ge=1)
     max_question_tokens: int = Field(default=1024, ge=1)
@@ -63,6 +64,7 @@ class ServeArgs(BaseModel):
             store=self.store, model=self.model, adapter=self.adapter, top_chunks=self.top_chunks,
             tree=TreeConfig(n_layers=self.layers, chunk_len=self.chunk_len, height=self.height, keep=self.keep,
                             codec=self.codec, dtype=self.dtype),
+            device=self.device,
             cache_bytes=int(self.cache_mb * 2 ** 20), max_documents=self.max_documents,
             max_question_tokens=self.max_question_tokens, max_answer_tokens=self.max_answer_tokens,
             max_batch=self.max_batch, batch_wait_ms=self.batch_wait_ms)
@@ -122,8 +124,9 @@ class Decoder:
         # Liveness: the model answers a one-token forward (an exception marks the replica unhealthy).
         import torch
 
+        model = self.service.rt.model
         with torch.no_grad():
-            self.service.rt.model(torch.tensor([[1]]), torch.tensor([[0]]))
+            model(torch.tensor([[1]], device=model.device), torch.tensor([[0]], device=model.device))
 
 
 def app_builder(args: dict) -> Application:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
     app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, top_chunks=args.top_chunks,
                          layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
-                         dtype=args.dtype, cache_mb=args.cache_mb, max_batch=args.max_batch)
+                         dtype=args.dtype, device=args.device, cache_mb=args.cache_mb, max_batch=args.max_batch)
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     decoder = Decoder.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,

@@ -35,6 +35,7 @@ class ServiceConfig:
     adapter: str | None = None
     top_chunks: int | None = None   # chunks injected per request; None: as the adapter was trained
     tree: TreeConfig = field(default_factory=TreeConfig)
+    device: str | None = None       # None: the GPU if Ray gave this replica one, else cpu
     cache_bytes: int = 1 << 30
     max_documents: int = 16
     max_question_tokens: int = 1024
@@ -71,7 +72,7 @@ class DecoderService:
         self.config = config
         self.rt = runtime or load_runtime(Path(config.model) if config.model else None, config.tree,
                                           Path(config.adapter) if config.adapter else None,
-                                          top_chunks=config.top_chunks)
+                                          top_chunks=config.top_chunks, device=config.device)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
         self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms)
