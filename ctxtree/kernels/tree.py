@@ -415,6 +415,7 @@ def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, T
     positions = base + torch.arange(total)
     chunk_of_node = chunks.repeat_interleave(selected.shape[1])
     chunk_index = torch.repeat_interleave(chunk_of_node, counts)
+
     def decoded(codes: Tensor, scales: Tensor | None) -> Tensor:
         return decode_kv(codes[:, :, positions], None if scales is None else scales[:, :, positions])
 
