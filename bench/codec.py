@@ -42,8 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 def bytes_per_level(tree: ContextTree) -> dict[str, float]:
     """Bytes per document token of each tree level's K/V (+ scales), the routing vectors and
     the token ids: where a tree's bytes go."""
-    per_position = sum(t[:, :, :1].numel() * t.element_size()
-                       for t in (tree.keys, tree.values, tree.key_scales, tree.value_scales) if t is not None)
+    per_position = tree.bytes_per_position()
     counts = tree.node_counts()  # [C,N]; stored node j is heap index j+1, level bit_length(j+2)-1
     out = {}
     for level in range(1, tree.config.height + 1):

@@ -134,6 +134,11 @@ class ContextTree:
         """Kept positions per node, [C, N]."""
         return (self.node_offsets[1:] - self.node_offsets[:-1]).view(self.n_chunks, self.config.n_nodes)
 
+    def bytes_per_position(self) -> int:
+        """Stored bytes of one kept position: its K and V codes in every layer, and their scales."""
+        return sum(t[:, :, :1].numel() * t.element_size()
+                   for t in (self.keys, self.values, self.key_scales, self.value_scales) if t is not None)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in (self.keys, self.values, self.routes, self.node_offsets, self.tokens,

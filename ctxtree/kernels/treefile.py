@@ -184,8 +184,7 @@ def _check_consistent(shard: TreeShard, header: dict, name: str) -> None:
 def chunk_nbytes(tree: ContextTree) -> list[int]:
     """slice_tree(tree, c, c + 1).nbytes() of every chunk c, from the layout (no copies)."""
     n = tree.config.n_nodes
-    per_position = sum(t[:, :, :1].numel() * t.element_size()
-                       for t in (tree.keys, tree.values, tree.key_scales, tree.value_scales) if t is not None)
+    per_position = tree.bytes_per_position()
     per_chunk_fixed = (tree.routes[0].numel() * tree.routes.element_size()
                        + (n + 1) * tree.node_offsets.element_size())
     positions = tree.node_offsets[::n]

@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 
 from ctxtree.kernels.llama import Llama
 from ctxtree.pipelines.data import PROSE_KINDS, absent_question
-from ctxtree.pipelines.teacher import TOP_K, TeacherAnswer, end_certain, teach, teacher_model, whole_sentences
+from ctxtree.pipelines.teacher import TOP_K, TeacherAnswer, ended_after, teach, teacher_model, whole_sentences
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
 
 TEMPLATES = {
@@ -105,9 +105,7 @@ def make_prose_examples(teacher: Llama, tokenizer, stop_ids: tuple[int, ...], en
         if stopped and tokens[-1] == end_id:
             target = TeacherAnswer(tokens=tokens, top_ids=ids, top_logp=logp)
         elif stopped:  # another stop token (end of text): the student's label is end of turn, so is its target
-            end_ids, end_logp = end_certain(ids.shape[1], end_id)
-            target = TeacherAnswer(tokens=tokens[:-1] + [end_id], top_ids=torch.cat([ids[:-1], end_ids]),
-                                   top_logp=torch.cat([logp[:-1], end_logp]))
+            target = ended_after(tokens, ids, logp, len(tokens) - 1, end_id)
         else:
             target = whole_sentences(tokenizer, tokens, ids, logp, end_id)
         if target is None or len(target.tokens) < 2:

@@ -84,12 +84,15 @@ def teach(teacher: Llama, prompts: list[list[int]], stop_ids: tuple[int, ...], m
     return out
 
 
-def end_certain(k: int, end_id: int) -> tuple[Tensor, Tensor]:
-    """A top-k row ([1,k] ids, [1,k] log-probs) whose whole mass is on end_id."""
-    ids = torch.full((1, k), end_id, dtype=torch.int32)
-    logp = torch.full((1, k), FILL_LOGP)
-    logp[0, 0] = 0.0
-    return ids, logp
+def ended_after(tokens: list[int], top_ids: Tensor, top_logp: Tensor, n: int, end_id: int) -> TeacherAnswer:
+    """The answer's first n positions, then end_id with a certain target (its top-k row has
+    all its mass on end_id): the student must learn to end there, whatever the teacher did."""
+    k = top_ids.shape[1]
+    end_ids = torch.full((1, k), end_id, dtype=torch.int32)
+    end_logp = torch.full((1, k), FILL_LOGP)
+    end_logp[0, 0] = 0.0
+    return TeacherAnswer(tokens=tokens[:n] + [end_id], top_ids=torch.cat([top_ids[:n], end_ids]),
+                         top_logp=torch.cat([top_logp[:n], end_logp]))
 
 
 def whole_sentences(tokenizer, tokens: list[int], top_ids: Tensor, top_logp: Tensor,
@@ -104,6 +107,4 @@ def whole_sentences(tokenizer, tokens: list[int], top_ids: Tensor, top_logp: Ten
             break
     if last is None:
         return None
-    end_ids, end_logp = end_certain(top_ids.shape[1], end_id)
-    return TeacherAnswer(tokens=tokens[:last] + [end_id], top_ids=torch.cat([top_ids[:last], end_ids]),
-                         top_logp=torch.cat([top_logp[:last], end_logp]))
+    return ended_after(tokens, top_ids, top_logp, last, end_id)

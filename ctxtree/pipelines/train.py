@@ -228,13 +228,17 @@ def train_loop(config: dict) -> None:
     end_id = end_of_turn_id(rt.tokenizer)
     pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
-    train_pool, eval_pool = (ChunkPool(chunks, rt.tokenizer, load_haystack(rt.tokenizer, split), cfg.seed, cfg.digits,
-                                       cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks, cfg.value_kinds)
-                              for split in ("train", "heldout"))
+
+    def needle_pool(haystack, seed: int) -> ChunkPool:
+        return ChunkPool(chunks, rt.tokenizer, haystack, seed, cfg.digits, cfg.facts_per_chunk, cfg.needle_len,
+                         cfg.haystack_chunks, cfg.value_kinds)
+
+    train_pool, eval_pool = (needle_pool(load_haystack(rt.tokenizer, split), cfg.seed)
+                             for split in ("train", "heldout"))
     prose, eval_prose = [], []
-    prose_pool = eval_prose_pool = None
-    base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no trained weights: the base model
+    prose_pool = eval_prose_pool = base_only = None
     if cfg.prose_fraction > 0:
+        base_only = InjectionDecoder(rt.model, cfg.layers).eval()  # no trained weights: the base model
         teacher = teacher_model(rt.model)
 
         def say(msg: str) -> None:
@@ -245,9 +249,7 @@ def train_loop(config: dict) -> None:
         # passages that are needle chunks come from pools of the prose seed (their text is what
         # the teacher read)
         prose_pool, eval_prose_pool = (pool if cfg.prose_seed == cfg.seed else
-                                       ChunkPool(chunks, rt.tokenizer, pool.haystack, cfg.prose_seed, cfg.digits,
-                                                 cfg.facts_per_chunk, cfg.needle_len, cfg.haystack_chunks,
-                                                 cfg.value_kinds) for pool in (train_pool, eval_pool))
+                                       needle_pool(pool.haystack, cfg.prose_seed) for pool in (train_pool, eval_pool))
         prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
                           cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say)
         eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,
@@ -301,8 +303,13 @@ def train_loop(config: dict) -> None:
             log.flush()
             print("[train] " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in initial.items()), flush=True)
-    window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "kl": 0.0, "kl_rows": 0,
-                      "t": time.perf_counter()}
+
+    def new_window() -> dict:
+        """Sums over the steps since the last log line."""
+        return {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "kl": 0.0, "kl_rows": 0,
+                "t": time.perf_counter()}
+
+    window = new_window()
     metrics: dict = {}
     last = cfg.last_step
     for step in range(start, last):
@@ -340,8 +347,7 @@ def train_loop(config: dict) -> None:
                        "chunks_built": train_pool.built}
             if window["kl_rows"]:
                 metrics["prose_kl"] = window["kl"] / window["kl_rows"]
-            window = {"loss": 0.0, "tokens": 0, "correct": 0, "exact": 0, "rows": 0, "kl": 0.0, "kl_rows": 0,
-                      "t": time.perf_counter()}
+            window = new_window()
         if done % cfg.eval_every == 0 or done == last:
             metrics.update({"step": done, **evaluate()})
         checkpoint_dir = None
