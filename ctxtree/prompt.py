@@ -56,6 +56,17 @@ def document_tokens(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def value_tokens(tokenizer, value: str) -> list[int]:
+    """A value as an answer spells it: the way it is tokenized in running text, so that a
+    copy head can emit the very tokens the document holds. "basalt" alone is `bas` `alt`,
+    in a sentence ` basalt` (one token): the leading space is kept. A value that starts
+    with a digit has its own space token in running text (` ` `8` `6`...): that one is
+    dropped, and the value's tokens are the same either way."""
+    spaced = list(tokenizer(" " + value.strip(), add_special_tokens=False)["input_ids"])
+    space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+    return spaced[len(space):] if spaced[:len(space)] == space else spaced
+
+
 def end_of_turn_id(tokenizer) -> int:
     """The token that ends an answer: the chat template's end of turn, else end of text."""
     vocab = tokenizer.get_vocab()

@@ -69,12 +69,14 @@ def test_real_trees_are_half_the_bytes_and_close_to_bf16(smollm_runtime):
     ids = torch.tensor(rt.tokenizer((REPO / "samples" / "GPL-3.txt").read_text())["input_ids"][:1024])
     trees = {c: build_tree(rt.model, ids, replace(rt.tree_config, codec=c)) for c in ("bf16", "int8", "fp8")}
     every_node = torch.arange(1, trees["bf16"].config.n_nodes + 1).repeat(trees["bf16"].n_chunks, 1)
-    ref_k, ref_v, _ = gather_nodes(trees["bf16"], every_node)
+    ref = gather_nodes(trees["bf16"], every_node)
+    ref_k, ref_v = ref.keys, ref.values
     for name, bound in ERROR_BOUND.items():
         tree = trees[name]
         assert tree.nbytes() < 0.53 * trees["bf16"].nbytes()  # codes + 3% scales, routes kept in bf16
         assert torch.equal(tree.tokens, trees["bf16"].tokens) and torch.equal(tree.node_offsets, trees["bf16"].node_offsets)
-        k, v, _ = gather_nodes(tree, every_node)
+        g = gather_nodes(tree, every_node)
+        k, v = g.keys, g.values
         assert k.dtype == torch.float32
         for got, ref in ((k, ref_k.float()), (v, ref_v.float())):
             assert float((got - ref).norm() / ref.norm()) < bound, name

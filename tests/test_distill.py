@@ -67,3 +67,20 @@ def test_a_cut_off_answer_ends_at_its_last_sentence(smollm_dir):
     # a decimal point is not the end of a sentence
     tokens = tok("It costs 3.5 units and", add_special_tokens=False)["input_ids"]
     assert whole_sentences(tok, tokens, ids[:len(tokens)], logp[:len(tokens)], 2) is None
+
+
+@pytest.mark.parametrize("values", ["digits", "code", "word", "name", "date"])
+def test_lookup_targets_are_the_tokens_the_document_holds(smollm_dir, values):
+    """A copy head can only emit tokens the injected positions hold: the trained answer
+    spells a value as running text does (" basalt" is one token, "basalt" two)."""
+    from ctxtree.kernels.weights import load_tokenizer
+    from ctxtree.pipelines.data import load_haystack, make_sample
+    from ctxtree.prompt import value_tokens
+
+    tok = load_tokenizer(smollm_dir)
+    haystack = load_haystack(tok, "heldout")
+    for i in range(4):
+        s = make_sample(tok, haystack, i, 512, "single", seed=5, align=256, values=values)
+        doc, target = s.documents[0], value_tokens(tok, s.answers[0])
+        assert tok.decode(target).strip() == s.answers[0]
+        assert any(doc[j:j + len(target)] == target for j in range(len(doc))), (s.answers[0], tok.decode(target))

@@ -19,13 +19,16 @@ def make_trees(model, lengths, seed=0):
     return [build_tree(model, torch.randint(3, 97, (n,), generator=g), CFG) for n in lengths]
 
 
-def trained(model, seed=0) -> InjectionDecoder:
+def trained(model, seed=0, copy_head=False) -> InjectionDecoder:
     """A decoder with non-zero injection weights, as training would leave it."""
-    dec = InjectionDecoder(model, 2)
+    dec = InjectionDecoder(model, 2, copy_head=copy_head)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in dec.cross_attn:
             block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=g) * 0.2)
+        if copy_head:
+            dec.copy_head.gate.bias.fill_(0.0)  # half the mass on the pointer
+            dec.copy_head.gate.weight.copy_(torch.randn(dec.copy_head.gate.weight.shape, generator=g) * 0.1)
     return dec.eval()
 
 
@@ -60,8 +63,9 @@ def test_trained_output_depends_on_the_injected_kv(tiny_model):
     assert (a - c).abs().max() > 1e-4
 
 
-def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model):
-    dec = trained(tiny_model)
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, copy_head):
+    dec = trained(tiny_model, copy_head=copy_head)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
     contexts = [request(dec, make_trees(tiny_model, [100, 45], seed=3)),
                 request(dec, make_trees(tiny_model, [20], seed=4), q_seed=1),
@@ -71,8 +75,9 @@ def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model):
     for row, (p, kv) in enumerate(zip(prompts, contexts)):
         alone = dec(torch.tensor([p]), torch.arange(len(p))[None], context=batch_context([kv]))
         torch.testing.assert_close(together[row, -len(p):], alone[0], atol=1e-5, rtol=1e-5)
-    # the request without documents is exactly the base model
-    torch.testing.assert_close(together[2, -5:], tiny_model(torch.tensor([prompts[2]]), torch.arange(5)[None])[0],
+    # the request without documents is exactly the base model (as log-probabilities with a copy head)
+    base = tiny_model(torch.tensor([prompts[2]]), torch.arange(5)[None])[0]
+    torch.testing.assert_close(together[2, -5:], torch.log_softmax(base, -1) if copy_head else base,
                                atol=1e-5, rtol=1e-5)
     # generation: the same tokens batched and alone (greedy and seeded sampling)
     for sampling in (SamplingConfig(max_tokens=8), SamplingConfig(max_tokens=8, temperature=0.8, top_p=0.9)):
@@ -84,14 +89,15 @@ def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model):
             assert list(batched[row]) == alone
 
 
-def test_padding_of_the_context_does_not_matter(tiny_model):
-    dec = trained(tiny_model)
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_padding_of_the_context_does_not_matter(tiny_model, copy_head):
+    dec = trained(tiny_model, copy_head=copy_head)
     kv = request(dec, make_trees(tiny_model, [60], seed=5))
     longer = request(dec, make_trees(tiny_model, [200], seed=6))
     ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]
     alone = dec(ids, pos, context=batch_context([kv]))
     padded = dec(ids.repeat(2, 1), pos.repeat(2, 1), context=batch_context([kv, longer]))
-    assert kv[0].shape[2] < longer[0].shape[2]
+    assert kv.keys.shape[2] < longer.keys.shape[2]
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -105,3 +111,44 @@ def test_adapter_round_trip_and_refusal(tiny_model, tmp_path):
         load_adapter(tiny_model, tmp_path / "ad", "digest-b")
     with pytest.raises(AdapterError, match="not an adapter directory"):
         load_adapter(tiny_model, tmp_path, "digest-a")
+
+
+def test_copy_head_mixes_a_distribution_that_can_only_copy_the_documents_tokens(tiny_model):
+    dec = trained(tiny_model, copy_head=True)
+    trees = make_trees(tiny_model, [100], seed=7)
+    kv = request(dec, trees)
+    ids, pos = torch.randint(3, 97, (1, 12)), torch.arange(12)[None]
+    mixed = dec(ids, pos, context=batch_context([kv]))
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(1, 12))  # a distribution at every position
+    # gate shut: exactly the decoder without a copy head (same cross-attention weights)
+    with torch.no_grad():
+        dec.copy_head.gate.weight.zero_()
+        dec.copy_head.gate.bias.fill_(-80.0)
+    plain = InjectionDecoder(tiny_model, 2)
+    plain.cross_attn.load_state_dict(dec.cross_attn.state_dict())
+    torch.testing.assert_close(dec(ids, pos, context=batch_context([kv])),
+                               torch.log_softmax(plain.eval()(ids, pos, context=batch_context([kv])), -1))
+    # gate open: all the mass is on tokens the injected positions hold, and greedy decoding copies them
+    with torch.no_grad():
+        dec.copy_head.gate.bias.fill_(80.0)
+    with torch.no_grad():
+        out = dec(ids, pos, context=batch_context([kv])).exp()
+    in_doc = torch.zeros(out.shape[-1], dtype=torch.bool)
+    in_doc[kv.token_ids] = True
+    assert float(out[..., ~in_doc].sum()) < 1e-6
+    steps = [s[0] for s in generate(dec, [ids[0].tolist()], batch_context([kv]), SamplingConfig(max_tokens=6))]
+    assert all(in_doc[t] for t in steps)
+
+
+def test_copy_head_adapter_round_trip(tiny_model, tmp_path):
+    dec = trained(tiny_model, seed=4, copy_head=True)
+    save_adapter(dec, tmp_path / "ad", "digest-a")
+    back = load_adapter(tiny_model, tmp_path / "ad", "digest-a")
+    assert back.copy_head is not None
+    for k, v in dec.adapter_state().items():
+        assert torch.equal(back.adapter_state()[k], v)
+    # weights the config does not declare are refused, not dropped
+    meta = (tmp_path / "ad" / "adapter.json")
+    meta.write_text(meta.read_text().replace('"copy_head": true', '"copy_head": false'))
+    with pytest.raises(AdapterError, match="copy_head"):
+        load_adapter(tiny_model, tmp_path / "ad", "digest-a")

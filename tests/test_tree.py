@@ -126,7 +126,8 @@ def test_gather_returns_each_selected_nodes_positions():
     routes = torch.randn(2, 6, 4)
     tree = synthetic_tree(routes, 2)
     sel = torch.tensor([[1, 5, 6], [2, 3, 4]])
-    k, v, chunk = gather_nodes(tree, sel)
+    g = gather_nodes(tree, sel)
+    k, chunk = g.keys, g.chunk_index
     # node j of chunk c owns positions (c*6 + j-1)*2 .. +2
     want = [(c * 6 + j - 1) * 2 + t for c in range(2) for j in sel[c].tolist() for t in range(2)]
     assert k[0, 0, :, 0].long().tolist() == want
@@ -216,10 +217,30 @@ def test_left_out_chunks_are_skipped_and_the_rest_renumbered(tiny_model):
     full = search(tree, route, "query")
     sel = full.clone()
     sel[[0, 2]] = NOT_INJECTED
-    k, v, chunk_index = gather_nodes(tree, sel)
-    assert sorted(set(chunk_index.tolist())) == [1, 3]
+    assert sorted(set(gather_nodes(tree, sel).chunk_index.tolist())) == [1, 3]
     small = assemble([slice_tree(tree, 1, 2), slice_tree(tree, 3, 4)])
     dec = InjectionDecoder(tiny_model, 2)
     got = dec.request_kv([tree], [sel])
     want = dec.request_kv([small], [full[[1, 3]]])
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert torch.equal(got.token_ids, want.token_ids)
+
+
+def test_gathered_positions_carry_the_document_token_they_sit_on(tiny_model):
+    cfg = TreeConfig(n_layers=2, chunk_len=32, height=3, keep=4, codec="fp32")
+    tokens = torch.randint(3, 97, (80,), generator=torch.Generator().manual_seed(8))  # 2 full chunks + 16
+    tree = build_tree(tiny_model, tokens, cfg)
+    every = torch.arange(1, cfg.n_nodes + 1).repeat(tree.n_chunks, 1)
+    g = gather_nodes(tree, every)
+    want = []
+    for c, (start, end) in enumerate(chunk_bounds(80, 32)):
+        keep = max(1, cfg.keep * (end - start) // cfg.chunk_len)
+        for s, e in node_spans(end - start, cfg.height)[1:]:
+            want += [int(tokens[start + s + k]) for k in kept_positions(e - s, keep)]
+    assert g.token_ids.tolist() == want and g.keys.shape[2] == len(want)
+    # and the same tokens when only some chunks and nodes are injected
+    sel = every[:, :4].clone()
+    sel[1] = NOT_INJECTED
+    part = gather_nodes(tree, sel)
+    assert set(part.chunk_index.tolist()) == {0, 2}
+    assert set(part.token_ids.tolist()) <= set(want)

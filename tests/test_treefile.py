@@ -43,7 +43,8 @@ def test_objects_written_before_the_quantized_codecs_still_load():
     tree = shard.tree
     assert shard.doc_id == "old-doc" and tree.config.codec == "bf16" and tree.key_scales is None
     assert tree.keys.dtype == torch.bfloat16 and tree.n_tokens == 50
-    k, v, _ = gather_nodes(tree, torch.tensor([[2, 4, 7, 8]] * tree.n_chunks))
+    g = gather_nodes(tree, torch.tensor([[2, 4, 7, 8]] * tree.n_chunks))
+    k, v = g.keys, g.values
     assert k.dtype == torch.bfloat16 and k.shape[2] == v.shape[2] > 0 and torch.isfinite(k.float()).all()
     assert encode_shard(shard) == data  # and bf16 objects are still written byte for byte as before
 

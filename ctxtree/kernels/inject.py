@@ -11,11 +11,22 @@ Chunk-level RoPE (query at position n = number of chunks, keys of chunk r at
 position r) is folded into the keys once per request: rotating chunk r's keys by
 r - n is exact because rotations compose, and nothing changes per decode step.
 When search leaves chunks out (top_chunks), the injected ones are numbered 0..n-1.
+
+Copy head (optional, a deviation from the method; docs/quality.md "Copy head"): a
+pointer over the injected positions, whose document tokens are known (trees store
+them), mixed with the LM head as in pointer-generator networks:
+p(w) = (1 - g) p_LM(w) + g sum_{j: token_j = w} a_j, with a = softmax over the injected
+positions of q(h) . k(V_j) and g = sigmoid(gate(h)), h the final normed state. The
+injection layers put what the document says into the residual stream, but a
+4-layer cross-attention cannot carry *which* of 49,152 tokens an unseen word is up to
+the LM head (a 2.7M-parameter adapter learnt digits, never words); a pointer emits the
+token it points at exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,21 +78,83 @@ class CrossAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
+COPY_RANK = 128        # query/key width of the copy head's pointer
+COPY_GATE_INIT = -2.0  # gate bias at initialisation: the copy head starts with 12% of the mass
+
+
+@dataclass
+class RequestKV:
+    """The injected positions of one request: keys/values [M, Hkv, S, Dh] (chunk RoPE folded
+    into the keys), token_ids [S] (the document token at each position)."""
+    keys: Tensor
+    values: Tensor
+    token_ids: Tensor
+
+
 @dataclass
 class InjectedContext:
     """The K/V injected into a batch: keys/values [M, B, Hkv, S, Dh] (chunk RoPE folded in),
-    valid [B, S] (False on padding, for requests with less context than the longest)."""
+    valid [B, S] (False on padding, for requests with less context than the longest),
+    token_ids [B, S] (0 on padding). copy_keys [B, S, r]: the copy head's keys, computed
+    once per request on first use (they depend only on the values)."""
     keys: Tensor
     values: Tensor
     valid: Tensor
+    token_ids: Tensor
+    copy_keys: Tensor | None = None
 
     @property
     def batch(self) -> int:
         return self.valid.shape[0]
 
 
+class CopyHead(nn.Module):
+    """A pointer over the injected positions, mixed with the LM head (module docstring).
+
+    Its keys are the injected values of every injection layer (no RoPE in V: a token's
+    key does not depend on where it sits in its node), each layer scaled to unit RMS."""
+
+    def __init__(self, base: Llama, n_layers: int, rank: int = COPY_RANK):
+        super().__init__()
+        cfg = base.cfg
+        self.rank = rank
+        self.query = nn.Linear(cfg.hidden_size, rank, bias=False)
+        self.key = nn.Linear(n_layers * cfg.num_key_value_heads * cfg.head_dim, rank, bias=False)
+        self.gate = nn.Linear(cfg.hidden_size, 1)
+        with torch.no_grad():
+            self.gate.weight.zero_()
+            self.gate.bias.fill_(COPY_GATE_INIT)
+        self.to(device=base.device, dtype=base.dtype)
+
+    def keys_of(self, values: Tensor) -> Tensor:
+        """values [M,B,Hkv,S,Dh] -> copy keys [B,S,r]."""
+        m, b, hkv, s, dh = values.shape
+        feats = values.permute(1, 3, 0, 2, 4).reshape(b, s, m, hkv * dh).float()
+        feats = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.key(feats.reshape(b, s, m * hkv * dh).to(self.key.weight.dtype))
+
+    def forward(self, hn: Tensor, lm_logits: Tensor, context: InjectedContext) -> Tensor:
+        """hn [B,T,D] (final-normed states), lm_logits [B,T,V] -> log-probabilities [B,T,V] (fp32)
+        of the mixture; they sum to 1, so softmax/argmax/cross-entropy treat them as logits."""
+        if context.copy_keys is None:
+            context.copy_keys = self.keys_of(context.values)
+        b, t, _ = hn.shape
+        q = self.query(hn)  # [B,T,r]
+        scores = (q @ context.copy_keys.transpose(1, 2)).float() / math.sqrt(self.rank)  # [B,T,S]
+        has_context = context.valid.any(dim=1)  # [B]
+        scores = scores.masked_fill(~(context.valid | ~has_context[:, None])[:, None, :], float("-inf"))
+        pointer = torch.softmax(scores, dim=-1)  # [B,T,S]
+        copy = torch.zeros_like(lm_logits).scatter_add_(
+            2, context.token_ids[:, None, :].expand(b, t, -1), pointer)  # [B,T,V]
+        gate = torch.sigmoid(self.gate(hn).float()) * has_context[:, None, None]  # [B,T,1]
+        # clamped logs: log(0) would give NaN gradients through logaddexp
+        return torch.logaddexp(torch.log1p(-gate) + torch.log_softmax(lm_logits, dim=-1),
+                               torch.log(gate.clamp_min(1e-30)) + torch.log(copy.clamp_min(1e-30)))
+
+
 class InjectionDecoder(nn.Module):
-    def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk", top_chunks: int = 0):
+    def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk", top_chunks: int = 0,
+                 copy_head: bool = False):
         super().__init__()
         if not 1 <= n_layers <= base.cfg.num_hidden_layers:
             raise ValueError(f"n_layers (M) must be in 1..{base.cfg.num_hidden_layers}, got {n_layers}")
@@ -96,16 +169,29 @@ class InjectionDecoder(nn.Module):
         # the trained weights, which learnt to read that many; 0 = every chunk
         self.top_chunks = top_chunks
         self.cross_attn = nn.ModuleList(CrossAttention(base, i) for i in range(n_layers))
+        self.copy_head = CopyHead(base, n_layers) if copy_head else None
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        """The trained modules, by the name their weights carry in adapter.safetensors."""
+        mods: dict[str, nn.Module] = {"cross_attn": self.cross_attn}
+        if self.copy_head is not None:
+            mods["copy_head"] = self.copy_head
+        return mods
+
+    def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{name}.{k}", p) for name, mod in self.adapter_modules().items() for k, p in mod.named_parameters()]
 
     def adapter_state(self) -> dict[str, Tensor]:
-        return {f"cross_attn.{k}": v for k, v in self.cross_attn.state_dict().items()}
+        return {f"{name}.{k}": v for name, mod in self.adapter_modules().items() for k, v in mod.state_dict().items()}
 
-    def forward(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None = None,
-                cache: KVCache | None = None, context: InjectedContext | None = None,
-                last_only: bool = False) -> Tensor:
-        """Logits [B,T,V] (fp32). Without context this is exactly the base model."""
-        if context is None:
-            return self.base(input_ids, positions, token_valid, cache, last_only=last_only)
+    def add_copy_head(self) -> None:
+        """Give an adapter trained without one a fresh copy head (training)."""
+        if self.copy_head is None:
+            self.copy_head = CopyHead(self.base, self.n_layers)
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None,
+                      cache: KVCache | None, context: InjectedContext) -> Tensor:
+        """h [B,T,D] before the final norm, the context injected in layers 0..M-1."""
         if context.batch != input_ids.shape[0]:
             raise ValueError(f"context batch {context.batch} != input batch {input_ids.shape[0]}")
 
@@ -114,30 +200,47 @@ class InjectionDecoder(nn.Module):
                 return h
             return h + self.cross_attn[i](h, context.keys[i], context.values[i], context.valid)
 
-        return self.base(input_ids, positions, token_valid, cache, layer_hook=inject, last_only=last_only)
+        return self.base.hidden_states(input_ids, positions, token_valid, cache, layer_hook=inject)
+
+    def logits(self, h: Tensor, context: InjectedContext) -> Tensor:
+        """h [B,T,D] (hidden_states, any subset of positions per row) -> [B,T,V] fp32: the LM
+        head's logits, or with a copy head the mixture's log-probabilities."""
+        hn = self.base.norm(h)
+        lm = self.base.lm_head(hn).float()
+        return lm if self.copy_head is None else self.copy_head(hn, lm, context)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None = None,
+                cache: KVCache | None = None, context: InjectedContext | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits [B,T,V] (fp32). Without context this is exactly the base model."""
+        if context is None:
+            return self.base(input_ids, positions, token_valid, cache, last_only=last_only)
+        h = self.hidden_states(input_ids, positions, token_valid, cache, context)
+        return self.logits(h[:, -1:] if last_only else h, context)
 
     # ---- building the injected K/V ----------------------------------------------------
 
-    def request_kv(self, trees: list[ContextTree], selections: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """K/V [M, Hkv, S, Dh] of one request: the selected nodes of every tree (documents
-        in request order), in the decoder's dtype, chunk RoPE folded into the keys."""
+    def request_kv(self, trees: list[ContextTree], selections: list[Tensor]) -> RequestKV:
+        """The selected nodes of every tree of one request (documents in request order):
+        K/V [M, Hkv, S, Dh] in the decoder's dtype, chunk RoPE folded into the keys."""
         if len(trees) != len(selections):
             raise ValueError(f"{len(trees)} trees but {len(selections)} selections")
+        device = self.base.device
         if not trees:
             cfg = self.base.cfg
             empty = torch.zeros(self.n_layers, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=self.base.dtype,
-                                device=self.base.device)
-            return empty, empty.clone()
-        keys, values, chunks, offset = [], [], [], 0
+                                device=device)
+            return RequestKV(empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device))
+        keys, values, chunks, tokens, offset = [], [], [], [], 0
         for tree, selected in zip(trees, selections):
             if tree.config.n_layers < self.n_layers:
                 raise ValueError(f"tree has K/V for {tree.config.n_layers} layers, decoder needs {self.n_layers}")
-            k, v, chunk_index = gather_nodes(tree, selected.cpu())
-            keys.append(k[: self.n_layers])
-            values.append(v[: self.n_layers])
-            chunks.append(chunk_index + offset)
+            g = gather_nodes(tree, selected.cpu())
+            keys.append(g.keys[: self.n_layers])
+            values.append(g.values[: self.n_layers])
+            chunks.append(g.chunk_index + offset)
+            tokens.append(g.token_ids)
             offset += tree.n_chunks
-        device = self.base.device
         k = torch.cat(keys, dim=2).to(device, torch.float32)  # [M,Hkv,S,Dh]
         v = torch.cat(values, dim=2).to(device)
         if self.cross_rope == "chunk":
@@ -149,24 +252,26 @@ class InjectionDecoder(nn.Module):
             rel = (torch.searchsorted(injected, chunk_ids) - injected.numel())[None].to(device)  # [1,S]
             cos, sin = rope_cos_sin(self.base.inv_freq, rel, torch.float32)  # fp32 angles even for bf16 models
             k = apply_rope(k, cos, sin)
-        return k.to(self.base.dtype), v.to(self.base.dtype)
+        return RequestKV(k.to(self.base.dtype), v.to(self.base.dtype), torch.cat(tokens).to(device))
 
 
-def batch_context(per_request: list[tuple[Tensor, Tensor]]) -> InjectedContext:
+def batch_context(per_request: list[RequestKV]) -> InjectedContext:
     """Pad each request's K/V [M,Hkv,S_b,Dh] to the longest S and stack along a batch axis."""
-    s_max = max(k.shape[2] for k, _ in per_request)
-    m, hkv, _, dh = per_request[0][0].shape
-    dtype, device = per_request[0][0].dtype, per_request[0][0].device
+    s_max = max(r.keys.shape[2] for r in per_request)
+    m, hkv, _, dh = per_request[0].keys.shape
+    dtype, device = per_request[0].keys.dtype, per_request[0].keys.device
     b = len(per_request)
     keys = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
     values = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
     valid = torch.zeros(b, s_max, dtype=torch.bool, device=device)
-    for row, (k, v) in enumerate(per_request):
-        s = k.shape[2]
-        keys[:, row, :, :s] = k
-        values[:, row, :, :s] = v
+    token_ids = torch.zeros(b, s_max, dtype=torch.long, device=device)
+    for row, r in enumerate(per_request):
+        s = r.keys.shape[2]
+        keys[:, row, :, :s] = r.keys
+        values[:, row, :, :s] = r.values
         valid[row, :s] = True
-    return InjectedContext(keys=keys, values=values, valid=valid)
+        token_ids[row, :s] = r.token_ids
+    return InjectedContext(keys=keys, values=values, valid=valid, token_ids=token_ids)
 
 
 # ---- adapter files --------------------------------------------------------------------
@@ -178,7 +283,7 @@ def save_adapter(decoder: InjectionDecoder, out_dir: Path, base_digest: str, ext
     state = {k: v.detach().contiguous() for k, v in decoder.adapter_state().items()}
     save_file(state, str(out_dir / ADAPTER_WEIGHTS))
     meta = {"n_layers": decoder.n_layers, "cross_rope": decoder.cross_rope, "top_chunks": decoder.top_chunks,
-            "base_weights_digest": base_digest, **(extra or {})}
+            "copy_head": decoder.copy_head is not None, "base_weights_digest": base_digest, **(extra or {})}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -195,10 +300,17 @@ def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
         raise AdapterError(f"adapter {adapter_dir} was trained for base weights {meta.get('base_weights_digest')!r}, "
                            f"but the loaded model is {base_digest!r}")
     decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"),
-                               int(meta.get("top_chunks", 0)) if top_chunks is None else top_chunks)
-    state = {k.removeprefix("cross_attn."): v.to(base.device) for k, v in load_file(str(weights_path)).items()}
+                               int(meta.get("top_chunks", 0)) if top_chunks is None else top_chunks,
+                               copy_head=bool(meta.get("copy_head", False)))
+    state = load_file(str(weights_path))
+    modules = decoder.adapter_modules()
+    unknown = sorted({k.split(".", 1)[0] for k in state} - set(modules))
+    if unknown:
+        raise AdapterError(f"adapter weights in {weights_path} hold modules this adapter.json does not declare: {unknown}")
     try:
-        decoder.cross_attn.load_state_dict({k: v.to(base.dtype) for k, v in state.items()}, strict=True)
+        for name, mod in modules.items():
+            mod.load_state_dict({k.removeprefix(name + "."): v.to(base.device, base.dtype)
+                                 for k, v in state.items() if k.startswith(name + ".")}, strict=True)
     except RuntimeError as e:
         raise AdapterError(f"adapter weights in {weights_path} do not fit this model: {e}") from e
     return decoder.eval()

@@ -11,6 +11,7 @@ non-empty sibling.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -402,9 +403,29 @@ def injected_chunks(selected: Tensor) -> Tensor:
     return torch.nonzero((selected != NOT_INJECTED).any(dim=1)).flatten()
 
 
-def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """K, V [M, Hkv, S, Dh] and chunk index [S] (relative to the tree) of the selected nodes,
-    decoded (float32 for a quantized codec, the stored float dtype otherwise).
+@dataclass
+class Gathered:
+    """The selected nodes of one tree, position by position: K, V [M, Hkv, S, Dh] (decoded:
+    float32 for a quantized codec, the stored float dtype otherwise), chunk [S] (the
+    position's chunk, relative to the tree) and token_ids [S] (the document token each
+    kept position sits on: what the decoder's copy head emits when it points there)."""
+    keys: Tensor
+    values: Tensor
+    chunk_index: Tensor
+    token_ids: Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_kept_offsets(length: int, cfg: TreeConfig) -> Tensor:
+    """[P_c] the token offset within a chunk of `length` tokens of each of its kept positions,
+    in storage order (stored nodes in heap order, then kept positions): build_tree's layout."""
+    keep = keep_per_node(length, cfg)
+    offsets = [s + k for s, e in node_spans(length, cfg.height)[1:] for k in kept_positions(e - s, keep)]
+    return torch.tensor(offsets, dtype=torch.long)
+
+
+def gather_nodes(tree: ContextTree, selected: Tensor) -> Gathered:
+    """The kept positions of the selected nodes, decoded.
 
     selected: heap indices [C, k] as returned by search(); rows of NOT_INJECTED are skipped.
     """
@@ -421,7 +442,16 @@ def gather_nodes(tree: ContextTree, selected: Tensor) -> tuple[Tensor, Tensor, T
     chunk_of_node = chunks.repeat_interleave(selected.shape[1])
     chunk_index = torch.repeat_interleave(chunk_of_node, counts)
 
+    # a position's token: its chunk's first token + the kept offset of its place in the chunk
+    chunk_start = torch.tensor([0] + tree.chunk_lengths[:-1], dtype=torch.long).cumsum(0)  # [C]
+    token_index = torch.empty(total, dtype=torch.long)
+    for c in chunks.tolist():
+        rows = chunk_index == c
+        offsets = chunk_kept_offsets(tree.chunk_lengths[c], tree.config)
+        token_index[rows] = chunk_start[c] + offsets[positions[rows] - tree.node_offsets[c * n]]
+
     def decoded(codes: Tensor, scales: Tensor | None) -> Tensor:
         return decode_kv(codes[:, :, positions], None if scales is None else scales[:, :, positions])
 
-    return decoded(tree.keys, tree.key_scales), decoded(tree.values, tree.value_scales), chunk_index
+    return Gathered(keys=decoded(tree.keys, tree.key_scales), values=decoded(tree.values, tree.value_scales),
+                    chunk_index=chunk_index, token_ids=tree.tokens[token_index].long())

@@ -72,6 +72,7 @@ class TrainConfig:
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
     top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
+    copy_head: bool = False               # train a copy head (a pointer over the injected tokens; kernels/inject.py)
     prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
     prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
@@ -213,10 +214,12 @@ def train_loop(config: dict) -> None:
     elif cfg.init_adapter:
         decoder = load_adapter(rt.model, Path(cfg.init_adapter), rt.weights_digest)
     decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
+    if cfg.copy_head:
+        decoder.add_copy_head()  # a fresh one where the starting weights have none
     decoder.train()
     for p in rt.model.parameters():
         p.requires_grad_(False)
-    named = [(n, p) for n, p in decoder.cross_attn.named_parameters()]
+    named = decoder.adapter_parameters()
     names, params = [n for n, _ in named], [p for _, p in named]
     for p in params:
         p.requires_grad_(True)
@@ -429,6 +432,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "prose_kinds", "use_gpu"):
+            continue
+        if isinstance(getattr(defaults, f.name), bool):  # --copy-head / --no-copy-head
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                           default=getattr(defaults, f.name))
             continue
         p.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)) if getattr(
             defaults, f.name) is not None else str, default=getattr(defaults, f.name))

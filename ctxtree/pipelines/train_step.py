@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ctxtree.prompt import question_prompt, question_tokens
+from ctxtree.prompt import question_prompt, question_tokens, value_tokens
 from ctxtree.kernels.compressor import query_vector, route_query
 from ctxtree.kernels.generate import left_pad
 from ctxtree.kernels.inject import InjectionDecoder, batch_context
@@ -143,8 +143,7 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
     rows, query_at, n_answer = [], [], []
     for ex in examples:
         prompt, q = question_prompt(tokenizer, ex.question)
-        answer = list(ex.teacher.tokens) if ex.teacher is not None else \
-            tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [end_id]
+        answer = list(ex.teacher.tokens) if ex.teacher is not None else value_tokens(tokenizer, ex.target) + [end_id]
         rows.append(prompt + answer)
         query_at.append(q)
         n_answer.append(len(answer))
@@ -164,18 +163,16 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
                           for sel, tree, at in zip(selections, ex.trees, ex.answer_at)]
         per_request.append(decoder.request_kv(ex.trees, selections))
     context = batch_context(per_request)
-
-    def inject(i: int, h: Tensor) -> Tensor:
-        if i >= decoder.n_layers:
-            return h
-        return h + decoder.cross_attn[i](h, context.keys[i], context.values[i], context.valid)
-
-    h = model.hidden_states(batch.input_ids, batch.positions, batch.token_valid, layer_hook=inject)  # [B,T,D]
-    # logits only where an answer token is predicted: the LM head is a fifth of the model
-    rows_idx = torch.cat([torch.full((n,), b) for b, n in enumerate(n_answer)])
-    pred_pos = torch.cat([torch.arange(t - n - 1, t - 1) for n in n_answer])
-    labels = batch.input_ids[rows_idx, pred_pos + 1]
-    logits = model.lm_head(model.norm(h[rows_idx, pred_pos])).float()  # [N,V]
+    h = decoder.hidden_states(batch.input_ids, batch.positions, batch.token_valid, None, context)  # [B,T,D]
+    # logits only where an answer token is predicted (the LM head is a fifth of the model):
+    # row b's answer positions, padded to the longest answer by repeating its last one
+    longest = max(n_answer)
+    pred_pos = torch.stack([torch.arange(t - n - 1, t - 1)[torch.arange(longest).clamp(max=n - 1)]
+                            for n in n_answer])  # [B,A]
+    answer_mask = torch.stack([torch.arange(longest) < n for n in n_answer])  # [B,A]
+    rows_idx = torch.arange(len(examples))[:, None].expand_as(pred_pos)
+    logits = decoder.logits(h[rows_idx, pred_pos], context)[answer_mask]  # [N,V]
+    labels = batch.input_ids[rows_idx, pred_pos + 1][answer_mask]  # [N]
     # every example weighs the same, however long its answer: a 40-token prose answer
     # must not outweigh ten 4-token values
     per_row_logits = torch.split(logits, n_answer)
