@@ -112,16 +112,22 @@ class CopyHead(nn.Module):
     """A pointer over the injected positions, mixed with the LM head (module docstring).
 
     Its keys are the injected values of every injection layer (no RoPE in V: a token's
-    key does not depend on where it sits in its node), each layer scaled to unit RMS."""
+    key does not depend on where it sits in its node), each layer scaled to unit RMS, of
+    the position and of the one before it."""
 
     def __init__(self, base: Llama, n_layers: int, rank: int = COPY_RANK):
         super().__init__()
         cfg = base.cfg
         self.rank = rank
         self.query = nn.Linear(cfg.hidden_size, rank, bias=False)
-        self.key = nn.Linear(n_layers * cfg.num_key_value_heads * cfg.head_dim, rank, bias=False)
+        feats = n_layers * cfg.num_key_value_heads * cfg.head_dim
+        self.key = nn.Linear(feats, rank, bias=False)
+        # the previous injected position's values: "the token after the one just emitted" is
+        # then one bilinear match (a multi-token word, a value's next digit)
+        self.key_prev = nn.Linear(feats, rank, bias=False)
         self.gate = nn.Linear(cfg.hidden_size, 1)
         with torch.no_grad():
+            self.key_prev.weight.zero_()
             self.gate.weight.zero_()
             self.gate.bias.fill_(COPY_GATE_INIT)
         self.to(device=base.device, dtype=base.dtype)
@@ -131,7 +137,11 @@ class CopyHead(nn.Module):
         m, b, hkv, s, dh = values.shape
         feats = values.permute(1, 3, 0, 2, 4).reshape(b, s, m, hkv * dh).float()
         feats = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return self.key(feats.reshape(b, s, m * hkv * dh).to(self.key.weight.dtype))
+        feats = feats.reshape(b, s, m * hkv * dh).to(self.key.weight.dtype)
+        # positions are in node order; a node's first position gets its predecessor's
+        # neighbour (another node's last), which training learns to discount
+        prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
+        return self.key(feats) + self.key_prev(prev)
 
     def forward(self, hn: Tensor, lm_logits: Tensor, context: InjectedContext) -> Tensor:
         """hn [B,T,D] (final-normed states), lm_logits [B,T,V] -> log-probabilities [B,T,V] (fp32)

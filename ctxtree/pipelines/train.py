@@ -73,6 +73,7 @@ class TrainConfig:
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
     top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
     copy_head: bool = False               # train a copy head (a pointer over the injected tokens; kernels/inject.py)
+    train_cross_attn: bool = True         # False: only the copy head learns (the cross-attention keeps its weights)
     prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
     prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {self.top_chunks}")
         if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1 or not 0 <= self.prose_needles <= 1:
             raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
+        if not self.train_cross_attn and not self.copy_head:
+            raise ValueError("nothing to train: --no-train-cross-attn needs --copy-head")
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         check_value_kinds(tuple(self.value_kinds))
@@ -219,7 +222,7 @@ def train_loop(config: dict) -> None:
     decoder.train()
     for p in rt.model.parameters():
         p.requires_grad_(False)
-    named = decoder.adapter_parameters()
+    named = [(n, p) for n, p in decoder.adapter_parameters() if cfg.train_cross_attn or not n.startswith("cross_attn.")]
     names, params = [n for n, _ in named], [p for _, p in named]
     for p in params:
         p.requires_grad_(True)
