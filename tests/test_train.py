@@ -107,6 +107,17 @@ def test_values_of_every_kind_are_stated_and_found(tokenizer, haystacks):
     for kind in TRAIN_VOCAB.kind_attributes:
         assert not set(TRAIN_VOCAB.kind_attributes[kind]) & set(HELDOUT_VOCAB.kind_attributes[kind])
     assert TRAIN_VOCAB.date_format != HELDOUT_VOCAB.date_format
+    # half the training words and names are made up: too many to learn by heart, so the
+    # decoder must copy them; none is a held-out one
+    import random
+
+    from ctxtree.pipelines.data import _kind_value
+
+    rng = random.Random(0)
+    drawn = [_kind_value(rng, TRAIN_VOCAB, kind, (3, 6)) for kind in ("word", "name") * 200]
+    assert len(set(drawn)) > 200 and not set(drawn) & (set(HELDOUT_VOCAB.words) | set(HELDOUT_VOCAB.names))
+    held = {_kind_value(rng, HELDOUT_VOCAB, "word", (3, 6)) for _ in range(200)}
+    assert held <= set(HELDOUT_VOCAB.words)  # the held-out split keeps real words only
     with pytest.raises(ValueError, match="value kinds"):
         make_sample(tokenizer, haystacks["train"], 0, 1024, "single", values="emoji")
     with pytest.raises(ValueError, match="paraphrase"):

@@ -69,6 +69,19 @@ class Vocabulary:
     names: tuple[str, ...] = ()
     codes: tuple[str, ...] = ()       # layouts: 9 a digit, A a capital letter, others kept
     date_format: str = "{month} {day}, {year}"
+    # share of word and name values made up from syllables instead of drawn from the lists:
+    # a list of 40 words is learnt by heart within a few hundred steps (the decoder then
+    # answers held-out questions with training words); made-up ones can only be copied
+    invented: float = 0.0
+
+
+# syllables of made-up word and name values ("velomar", "Drisketa"): several tokens each
+SYLLABLES = ("ba", "ver", "lo", "mar", "tri", "ska", "nel", "do", "quin", "ra", "fen", "to", "gal", "mu",
+             "sor", "ti", "pla", "vek", "ru", "zan", "om", "bre", "ka", "lis", "tho", "ne", "dra", "pe")
+
+
+def invented_word(rng: random.Random) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4)))
 
 
 TRAIN_VOCAB = Vocabulary(
@@ -106,6 +119,7 @@ TRAIN_VOCAB = Vocabulary(
            "Harper", "Sullivan", "Novak", "Ferreira", "Larsen", "Mbeki", "Costa", "Dalton", "Keller"),
     codes=("99-99-99", "999-999", "AA-9999", "9999-AA", "A99-999", "AAA-99"),
     date_format="{month} {day}, {year}",
+    invented=0.5,
 )
 
 HELDOUT_VOCAB = Vocabulary(
@@ -253,10 +267,11 @@ def _kind_value(rng: random.Random, vocab: Vocabulary, kind: str, digits: tuple[
         layout = rng.choice(vocab.codes)
         return "".join(str(rng.randrange(10)) if c == "9" else chr(65 + rng.randrange(26)) if c == "A" else c
                        for c in layout)
-    if kind == "word":
-        return rng.choice(vocab.words)
-    if kind == "name":
-        return rng.choice(vocab.names)
+    if kind in ("word", "name"):
+        if rng.random() < vocab.invented:
+            word = invented_word(rng)
+            return word if kind == "word" else word.capitalize()
+        return rng.choice(vocab.words if kind == "word" else vocab.names)
     if kind == "date":
         return vocab.date_format.format(month=rng.choice(MONTHS), day=rng.randint(1, 28),
                                         year=rng.randint(1950, 2030))
