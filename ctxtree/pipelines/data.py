@@ -268,7 +268,8 @@ def _kind_value(rng: random.Random, vocab: Vocabulary, kind: str, digits: tuple[
         return "".join(str(rng.randrange(10)) if c == "9" else chr(65 + rng.randrange(26)) if c == "A" else c
                        for c in layout)
     if kind in ("word", "name"):
-        if rng.random() < vocab.invented:
+        # no draw where nothing is invented: the held-out streams stay what they were
+        if vocab.invented > 0 and rng.random() < vocab.invented:
             word = invented_word(rng)
             return word if kind == "word" else word.capitalize()
         return rng.choice(vocab.words if kind == "word" else vocab.names)
