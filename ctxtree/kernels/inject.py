@@ -138,8 +138,8 @@ class CopyHead(nn.Module):
         feats = values.permute(1, 3, 0, 2, 4).reshape(b, s, m, hkv * dh).float()
         feats = feats * torch.rsqrt(feats.pow(2).mean(-1, keepdim=True) + 1e-6)
         feats = feats.reshape(b, s, m * hkv * dh).to(self.key.weight.dtype)
-        # positions are in node order; a node's first position gets its predecessor's
-        # neighbour (another node's last), which training learns to discount
+        # positions are in node order: a node's first position is given the last position of
+        # the node before it as its neighbour, which training learns to discount
         prev = torch.cat([torch.zeros_like(feats[:, :1]), feats[:, :-1]], dim=1)
         return self.key(feats) + self.key_prev(prev)
 
