@@ -442,13 +442,16 @@ def gather_nodes(tree: ContextTree, selected: Tensor) -> Gathered:
     chunk_of_node = chunks.repeat_interleave(selected.shape[1])
     chunk_index = torch.repeat_interleave(chunk_of_node, counts)
 
-    # a position's token: its chunk's first token + the kept offset of its place in the chunk
-    chunk_start = torch.tensor([0] + tree.chunk_lengths[:-1], dtype=torch.long).cumsum(0)  # [C]
-    token_index = torch.empty(total, dtype=torch.long)
-    for c in chunks.tolist():
-        rows = chunk_index == c
-        offsets = chunk_kept_offsets(tree.chunk_lengths[c], tree.config)
-        token_index[rows] = chunk_start[c] + offsets[positions[rows] - tree.node_offsets[c * n]]
+    # a position's token: its chunk's first token + the kept offset of its place in the chunk;
+    # one lookup per distinct chunk length (every chunk but a short last one shares the layout)
+    lengths = torch.tensor(tree.chunk_lengths, dtype=torch.long)
+    chunk_start = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])  # [C]
+    place = positions - tree.node_offsets[chunk_index * n]  # [S] within its chunk's stored positions
+    token_index = chunk_start[chunk_index]
+    position_length = lengths[chunk_index]
+    for length in torch.unique(position_length).tolist():
+        rows = position_length == length
+        token_index[rows] += chunk_kept_offsets(length, tree.config)[place[rows]]
 
     def decoded(codes: Tensor, scales: Tensor | None) -> Tensor:
         return decode_kv(codes[:, :, positions], None if scales is None else scales[:, :, positions])
