@@ -178,12 +178,14 @@ def prose_chunks(count: int, n_chunks: int, seed: int) -> list[int]:
 
 
 def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id: int, count: int,
-              needle_share: float, seed: int, cache_dir: Path, part_size: int = 128, log=None) -> list[ProseExample]:
+              needle_share: float, seed: int, cache_dir: Path, part_size: int = 128, log=None,
+              batch: int = 8) -> list[ProseExample]:
     """`count` prose examples over the pool's passages (a ChunkPool): haystack chunks and, a
     needle_share of them, needle chunks of their own (facts and values in the text: without
     them the decoder learns "a value in the injected nodes -> say it", whatever the
     question). Passages are used in turn, each time with the next kind of question; made
-    part by part and cached under cache_dir (the teacher runs once per example, ever)."""
+    part by part and cached under cache_dir (the teacher runs once per example, ever).
+    batch: prompts the teacher answers at once (8 on a CPU; 64 or more on a GPU)."""
     split = pool.haystack.split
     plain = range(pool.n_haystack_chunks)  # every haystack chunk, in order
     chunks, needles, kinds = [], [], []
@@ -209,7 +211,7 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
                     pool.haystack.tokens[c * pool.cfg.chunk_len:(c + 1) * pool.cfg.chunk_len]
                     for c, nd in zip(chunks[sl], needles[sl])]
         return make_prose_examples(teacher, tokenizer, stop_ids, end_id, chunks[sl], passages, split,
-                                   seed * 1000 + part, kinds=kinds[sl], needles=needles[sl])
+                                   seed * 1000 + part, batch=batch, kinds=kinds[sl], needles=needles[sl])
 
     return load_or_make(Path(cache_dir) / name, make, n_parts, log)
 

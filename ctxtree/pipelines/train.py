@@ -79,6 +79,7 @@ class TrainConfig:
     prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
     prose_kinds: tuple[str, ...] = ("template", "written")  # which of them are used (prose.KIND_CYCLE's kinds)
     prose_seed: int = 3                   # the prose set's seed: the teacher's answers cost 1.8 s each, stages share them
+    prose_batch: int = 8                  # prompts the teacher answers at once (a speed setting: 64+ on a GPU)
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
@@ -132,7 +133,7 @@ class TrainConfig:
         """What determines the trained weights (not where they go or how fast)."""
         d = dataclasses.asdict(self)
         for k in ("out", "pool_dir", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_chunks",
-                  "log_every", "threads", "cpus_per_worker", "use_gpu", "steps", "stop_at"):
+                  "log_every", "threads", "cpus_per_worker", "use_gpu", "steps", "stop_at", "prose_batch"):
             d.pop(k)
         return d
 
@@ -257,9 +258,9 @@ def train_loop(config: dict) -> None:
         prose_pool, eval_prose_pool = (pool if cfg.prose_seed == cfg.seed else
                                        needle_pool(pool.haystack, cfg.prose_seed) for pool in (train_pool, eval_pool))
         prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
-                          cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say)
+                          cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say, batch=cfg.prose_batch)
         eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,
-                               cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say)
+                               cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say, batch=cfg.prose_batch)
         # the held-out evaluation keeps every kind: it measures, it does not train
         prose = [p for p in prose if p.kind in cfg.prose_kinds]
         say(f"{len(prose)} training ({', '.join(cfg.prose_kinds)}) and {len(eval_prose)} held-out examples "
