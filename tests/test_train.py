@@ -283,3 +283,22 @@ def test_the_recipe_is_valid_and_its_last_stage_is_the_default():
     settings = lambda c: {k: v for k, v in c.recipe().items() if k not in ("seed", "init_adapter")}  # noqa: E731
     assert settings(last) == settings(default) and last.steps == default.steps, \
         "`ctxtree train` defaults must be the shipped adapter's last stage"
+
+
+def test_no_ray_trains_in_this_process_where_ray_is_not_installed(tiny_chat_model, tmp_path):
+    """`--no-ray`: one GPU box without Ray (the lent H200 of docs/quality.md "runs G1-G2")
+    trains with the same loop, checkpoints and adapter; here Ray is made unimportable."""
+    out, pool = tmp_path / "run", tmp_path / "pool"
+    args = train_cmd(tiny_chat_model, out, pool, 10)[3:] + ["--no-ray"]
+    script = ("import sys; sys.modules['ray'] = None  # as if Ray were not installed\n"
+              "from ctxtree.pipelines.train import main; sys.exit(main(sys.argv[1:]))")
+    res = subprocess.run([sys.executable, "-c", script, *args], env=env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    meta = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert meta["trained_steps"] == 10
+    assert [r["step"] for r in log_rows(out) if "loss" in r][-1] == 10
+    assert not (out / "ray").exists()  # no Ray Train storage: nothing ran on Ray
+    two = subprocess.run([sys.executable, "-c", script, *args, "--workers", "2"], env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert two.returncode == 2 and "one worker" in two.stderr

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--cpus-per-worker", type=float, default=2.0)
     ap.add_argument("--use-gpu", action="store_true")
+    ap.add_argument("--no-ray", action="store_true", help="train in this process without Ray (one machine)")
     ap.add_argument("--through", default=SHIPPED_STAGE, choices=[name for name, _ in STAGES],
                     help=f"the last stage to run (default {SHIPPED_STAGE}, the shipped adapter's)")
     args = ap.parse_args(argv)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                               workers=args.workers, cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu,
                               **stage)
             try:
-                run(cfg, args.address)
+                run(cfg, args.address, in_process=args.no_ray)
             except ValueError as e:
                 print(f"python -m ctxtree.pipelines.recipe: error: {e}", file=sys.stderr)
                 return 2

@@ -2,6 +2,7 @@
 
     ctxtree train --out runs/m4                                # local Ray, one CPU worker
     ctxtree train --out /shared/runs/m4 --address auto --workers 4 --use-gpu   # a cluster
+    ctxtree train --out runs/m4 --use-gpu --no-ray --batch 16 --prose-batch 64  # one GPU box, no Ray
 
 The defaults are the last stage of the shipped adapter's recipe (the whole recipe, one command:
 `python -m ctxtree.pipelines.recipe`; docs/training.md); --out must be a
@@ -384,15 +385,14 @@ def train_loop(config: dict) -> None:
         log.close()
 
 
-def run(cfg: TrainConfig, address: str | None = None) -> Path:
-    """Run training on Ray Train; returns the adapter directory."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from ctxtree.pipelines.ray_compat import init_ray
-
+def run(cfg: TrainConfig, address: str | None = None, in_process: bool = False) -> Path:
+    """Run training on Ray Train, or (in_process) in this process without Ray: one worker,
+    for a single machine such as one GPU box with no Ray installed. Returns the adapter
+    directory."""
     out = Path(cfg.out).resolve()
     cfg = dataclasses.replace(cfg, out=str(out))
+    if in_process and cfg.workers != 1:
+        raise ValueError(f"--no-ray trains in this process: one worker, not --workers {cfg.workers}")
     out.mkdir(parents=True, exist_ok=True)
     # The recipe is fixed for the life of a run directory: resuming with another one
     # would silently train a different model.
@@ -414,10 +414,19 @@ def run(cfg: TrainConfig, address: str | None = None) -> Path:
              if getattr(cfg, name)}
     if cfg.init_adapter and not (Path(local["init_adapter"]) / "adapter.json").is_file():
         raise ValueError(f"--init-adapter {cfg.init_adapter}: not an adapter directory (no adapter.json)")
+    config = dataclasses.asdict(dataclasses.replace(cfg, **local))
+    if in_process:
+        train_loop(config)
+        return out / ADAPTER_DIR
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ctxtree.pipelines.ray_compat import init_ray
+
     init_ray(address, dashboard=True)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=dataclasses.asdict(dataclasses.replace(cfg, **local)),
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(name="train", storage_path=str(out / "ray"),
@@ -450,6 +459,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
                    help=f"kinds of prose questions trained on, comma-separated, of: {', '.join(PROSE_KINDS)}")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--no-ray", action="store_true",
+                   help="train in this process without Ray (one worker: a single machine, e.g. a GPU box with no Ray)")
     return p
 
 
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m ctxtree.pipelines
         split = lambda text: tuple(k.strip() for k in text.split(",") if k.strip())  # noqa: E731
         cfg = TrainConfig(**values, digits=(int(lo), int(hi or lo)), value_kinds=split(args.value_kinds),
                           prose_kinds=split(args.prose_kinds))
-        adapter = run(cfg, args.address)
+        adapter = run(cfg, args.address, in_process=args.no_ray)
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
