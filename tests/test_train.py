@@ -177,6 +177,52 @@ def test_fresh_needles_never_repeat_a_fact_and_bad_settings_are_refused(tiny_cha
         TrainConfig(out="x", needle_len=4096)
 
 
+def test_training_documents_join_only_the_kept_chunks_and_train_the_same(tiny_chat_model, tmp_path):
+    """Training documents are search indexes plus their chunks, whose K/V are joined only
+    for the chunks search keeps: the loss is the one the whole document's tree gives
+    (searched, teacher-routed, two documents), and it does depend on those K/V."""
+    import random
+
+    import torch
+
+    from ctxtree.runtime import NO_ADAPTER, load_runtime
+    from ctxtree.kernels.tree import TreeConfig, build_tree
+    from ctxtree.pipelines.chunk_pool import assemble, assemble_index
+    from ctxtree.pipelines.train_step import Example, answer_step
+    from ctxtree.prompt import end_of_turn_id
+
+    rt = load_runtime(tiny_chat_model, TreeConfig(n_layers=2, chunk_len=128, keep=8), adapter=NO_ADAPTER)
+    decoder = rt.decoder
+    decoder.top_chunks = 2
+    torch.manual_seed(0)
+    with torch.no_grad():  # trained-looking weights: the answer depends on what is injected
+        for _, p in decoder.adapter_parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    rng = random.Random(0)
+    docs = [[build_tree(rt.model, torch.tensor([rng.randrange(300, 20000) for _ in range(128)]), rt.tree_config)
+             for _ in range(n)] for n in (7, 4)]
+    end = end_of_turn_id(rt.tokenizer)
+
+    def examples(lazy: bool, chunks: list[list]) -> list[Example]:
+        trees = [assemble_index(c) if lazy else assemble(c) for c in chunks]
+        parts = chunks if lazy else None
+        return [Example(trees=trees[:1], question="What is the access code of the amber chapel?", target="4821",
+                        parts=parts and parts[:1]),
+                Example(trees=trees[:1], question="Where is it?", target="north", answer_at=[(5, 40)], oracle=True,
+                        parts=parts and parts[:1]),
+                Example(trees=trees, question="What are the two codes?", target="77 and 12", parts=parts)]
+
+    lazy = examples(True, docs)
+    assert lazy[0].trees[0].keys.shape[2] == 0  # the index holds no K/V
+    with torch.no_grad():
+        whole = answer_step(decoder, rt.tokenizer, end, examples(False, docs))
+        joined = answer_step(decoder, rt.tokenizer, end, lazy)
+        other = answer_step(decoder, rt.tokenizer, end, examples(True, [docs[0][::-1], docs[1][::-1]]))
+    assert whole.tokens == joined.tokens
+    assert torch.allclose(whole.loss, joined.loss, atol=1e-6, rtol=0), (whole.loss, joined.loss)
+    assert abs(float(other.loss) - float(whole.loss)) > 1e-4  # other chunks injected, another loss
+
+
 def train_cmd(model: Path, out: Path, pool: Path, steps: int) -> list[str]:
     return [sys.executable, "-m", "ctxtree.pipelines.train", "--model", str(model), "--out", str(out),
             "--pool-dir", str(pool), "--steps", str(steps), "--batch", "4", "--lr", "0.01", "--warmup", "5",

@@ -31,7 +31,7 @@ from ctxtree.kernels.compressor import query_vector, route_query
 from ctxtree.kernels.generate import left_pad
 from ctxtree.kernels.inject import InjectionDecoder, batch_context
 from ctxtree.kernels.tree import ContextTree, node_spans, search_documents
-from ctxtree.pipelines.chunk_pool import ChunkPool, assemble
+from ctxtree.pipelines.chunk_pool import ChunkPool, assemble_index, assemble_selected
 from ctxtree.pipelines.data import pair_question
 from ctxtree.pipelines.prose import ProseExample, prose_tree
 from ctxtree.pipelines.teacher import TeacherAnswer
@@ -46,6 +46,9 @@ class Example:
     answer_at: list[tuple[int, int] | None] | None = None
     oracle: bool = False       # route to the answer's nodes instead of searching
     teacher: TeacherAnswer | None = None   # distil: train on teacher.tokens towards its top-k
+    # per document, its single-chunk trees when `trees` are search indexes without K/V
+    # (chunk_pool.assemble_index): the K/V of the chunks search keeps are joined then
+    parts: list[list[ContextTree]] | None = None
 
 
 @dataclass
@@ -92,30 +95,30 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
         return Example(trees=[prose_tree(prose_pool or pool, p)], question=p.question, target=p.answer,
                        teacher=p.teacher)
 
-    def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, int]:
+    def document(needle: ContextTree, n_chunks: int) -> tuple[ContextTree, list[ContextTree], int]:
         chunks = [pool.haystack_chunk(rng.randrange(n_hay)) for _ in range(n_chunks - 1)]
         at = rng.randrange(n_chunks)
         chunks.insert(at, needle)
-        return assemble(chunks), at
+        return assemble_index(chunks), chunks, at
 
     oracle = rng.random() < oracle_fraction
     if rng.random() < spread_fraction:
         (ta, fa, qa, pa), (tb, fb, qb, pb) = (pool.needle_chunk(k) for k in rng.sample(range(pool_size), 2))
         ia, ib = rng.randrange(len(fa)), rng.randrange(len(fb))
         per_doc = max(1, max_chunks // 2)
-        (da, ca), (db, cb) = document(ta, rng.randint(1, per_doc)), document(tb, rng.randint(1, per_doc))
+        (da, pa_, ca), (db, pb_, cb) = document(ta, rng.randint(1, per_doc)), document(tb, rng.randint(1, per_doc))
         question = pair_question(rng, pool.haystack.split, fa[ia], fb[ib], qa[ia], qb[ib])
         return Example(trees=[da, db], question=question, target=f"{fa[ia].value} and {fb[ib].value}",
-                       answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle)
+                       answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle, parts=[pa_, pb_])
     if pool_size == 0:
         tree, facts, questions, positions = pool.needle_chunk(serial // pool.facts_per_chunk)
         i = serial % pool.facts_per_chunk
     else:
         tree, facts, questions, positions = pool.needle_chunk(rng.randrange(pool_size))
         i = rng.randrange(len(facts))
-    doc, c = document(tree, rng.randint(1, max_chunks))
+    doc, parts, c = document(tree, rng.randint(1, max_chunks))
     return Example(trees=[doc], question=questions[i], target=facts[i].value, answer_at=[(c, positions[i])],
-                   oracle=oracle)
+                   oracle=oracle, parts=[parts])
 
 
 def route_to(selection: Tensor, tree: ContextTree, chunk: int, offset: int) -> Tensor:
@@ -161,7 +164,10 @@ def answer_step(decoder: InjectionDecoder, tokenizer, end_id: int, examples: lis
         if ex.oracle and ex.answer_at:
             selections = [sel if at is None else route_to(sel, tree, *at)
                           for sel, tree, at in zip(selections, ex.trees, ex.answer_at)]
-        per_request.append(decoder.request_kv(ex.trees, selections))
+        trees = ex.trees
+        if ex.parts is not None:  # search indexes: join the K/V of the kept chunks only
+            trees, selections = map(list, zip(*(assemble_selected(p, sel) for p, sel in zip(ex.parts, selections))))
+        per_request.append(decoder.request_kv(trees, selections))
     context = batch_context(per_request)
     h = decoder.hidden_states(batch.input_ids, batch.positions, batch.token_valid, None, context)  # [B,T,D]
     # logits only where an answer token is predicted (the LM head is a fifth of the model):
