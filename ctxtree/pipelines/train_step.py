@@ -106,10 +106,11 @@ def make_example(pool: ChunkPool, rng: random.Random, pool_size: int, max_chunks
         (ta, fa, qa, pa), (tb, fb, qb, pb) = (pool.needle_chunk(k) for k in rng.sample(range(pool_size), 2))
         ia, ib = rng.randrange(len(fa)), rng.randrange(len(fb))
         per_doc = max(1, max_chunks // 2)
-        (da, pa_, ca), (db, pb_, cb) = document(ta, rng.randint(1, per_doc)), document(tb, rng.randint(1, per_doc))
+        (da, chunks_a, ca), (db, chunks_b, cb) = (document(ta, rng.randint(1, per_doc)),
+                                                    document(tb, rng.randint(1, per_doc)))
         question = pair_question(rng, pool.haystack.split, fa[ia], fb[ib], qa[ia], qb[ib])
         return Example(trees=[da, db], question=question, target=f"{fa[ia].value} and {fb[ib].value}",
-                       answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle, parts=[pa_, pb_])
+                       answer_at=[(ca, pa[ia]), (cb, pb[ib])], oracle=oracle, parts=[chunks_a, chunks_b])
     if pool_size == 0:
         tree, facts, questions, positions = pool.needle_chunk(serial // pool.facts_per_chunk)
         i = serial % pool.facts_per_chunk
