@@ -1,0 +1,182 @@
+"""The vLLM engine for the injection decoder: the same requests as kernels/generate.py
+(prompt tokens + each request's injected K/V), decoded by vLLM (ctxtree/kernels/vllm_model.py).
+
+The torch engine (kernels/generate.py) stays the default and the reference: greedy tokens
+of this engine equal its tokens (tests/vllm/test_vllm_engine.py, `make test-vllm`).
+Sampled tokens (temperature > 0) come from vLLM's own per-request seeded sampler: the same
+for a seed and a request, not the torch engine's draws.
+
+vLLM is optional (`pip install ctxtree[vllm]` on GPU nodes, `make test-vllm` here): this
+module imports it when an engine is built, never at import time.
+
+What vLLM gets is a model directory made once per (base checkpoint, adapter, context
+limit), content-addressed under the cache dir: the base config with the injection fields,
+links to the base weights and tokenizer, and the adapter's weights renamed to the vLLM
+model's names. Written to a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ctxtree.kernels.generate import SamplingConfig
+from ctxtree.kernels.inject import InjectionDecoder, RequestKV
+from ctxtree.kernels.vllm_model import ARCHITECTURE, CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MODALITY, context_width
+
+# tokenizer files the converted checkpoints carry (weights.convert_gguf: save_pretrained)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                    "merges.txt", "chat_template.jinja")
+VLLM_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """max_context_positions: the most injected positions one request may carry (vLLM
+    reserves cross-attention cache for it); max_prompt_tokens: the longest question prompt;
+    max_batch: requests decoded together; kv_cache_gib: the KV cache vLLM's CPU backend
+    allocates (VLLM_CPU_KVCACHE_SPACE; GPUs size theirs from gpu_memory_utilization)."""
+    max_context_positions: int = 4096
+    max_prompt_tokens: int = 1024
+    max_new_tokens: int = 512
+    max_batch: int = 8
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_context_positions", "max_prompt_tokens", "max_new_tokens", "max_batch", "kv_cache_gib"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def context_tensor(kv: RequestKV) -> torch.Tensor:
+    """RequestKV (keys/values [M,Hkv,S,Dh]) -> the "context" item [max(S,1), M*2*Hkv*Dh]:
+    per position, layer by layer, the key heads then the value heads. No positions: one
+    zero position (vllm_model.py says why)."""
+    m, hkv, s, dh = kv.keys.shape
+    if s == 0:
+        return torch.zeros(1, context_width(m, hkv, dh), dtype=kv.keys.dtype)
+    both = torch.stack([kv.keys, kv.values], dim=1)  # [M,2,Hkv,S,Dh]
+    return both.permute(3, 0, 1, 2, 4).reshape(s, m * 2 * hkv * dh).cpu().contiguous()
+
+
+def _adapter_weights(decoder: InjectionDecoder) -> dict[str, torch.Tensor]:
+    """The cross blocks' weights under the vLLM model's names."""
+    if decoder.copy_head is not None:
+        raise ValueError("the vLLM engine does not run adapters with a copy head (its pointer mixes into "
+                         "the output distribution per request); use the torch engine")
+    out = {}
+    for i, block in enumerate(decoder.cross_attn):
+        prefix = f"model.layers.{i}.cross_attn"
+        out[f"{prefix}.query.weight"] = block.q_proj.weight
+        out[f"{prefix}.out.weight"] = block.o_proj.weight
+        out[f"{prefix}.cross_norm.weight"] = block.cross_norm.weight
+    return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
+
+
+def prepare_model_dir(ckpt_dir: Path, decoder: InjectionDecoder, max_context_positions: int,
+                      cache_dir: Path) -> Path:
+    """The directory vLLM loads (module docstring); made once, reused after."""
+    ckpt_dir = Path(ckpt_dir)
+    if decoder.base.cfg.qkv_bias or decoder.base.cfg.o_bias:
+        raise ValueError("the vLLM engine supports base models without attention biases")
+    weights = _adapter_weights(decoder)
+    h = hashlib.sha256()
+    h.update(json.dumps({"ckpt": str(ckpt_dir.resolve()), "config": (ckpt_dir / "config.json").read_text(),
+                         "layers": decoder.n_layers, "max_positions": max_context_positions}).encode())
+    for name in sorted(weights):
+        h.update(name.encode() + weights[name].numpy().tobytes())
+    target = Path(cache_dir) / "vllm" / h.hexdigest()[:16]
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    config.update({"architectures": [ARCHITECTURE], "is_encoder_decoder": True,
+                   CONFIG_LAYERS: decoder.n_layers, CONFIG_MAX_POSITIONS: max_context_positions})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    for f in sorted(ckpt_dir.glob("*.safetensors")):
+        os.symlink(f.resolve(), tmp / f.name)
+    for name in _TOKENIZER_FILES:
+        if (ckpt_dir / name).is_file():
+            os.symlink((ckpt_dir / name).resolve(), tmp / name)
+    save_file(weights, str(tmp / "ctxtree-injection.safetensors"))
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process made the same directory
+    return target
+
+
+class VllmDecoder:
+    """Decodes batches of (prompt, injected K/V) with vLLM. Build it where the model should
+    run (a decoder replica); it owns one vllm.LLM."""
+
+    def __init__(self, decoder: InjectionDecoder, ckpt_dir: Path, cache_dir: Path,
+                 config: VllmConfig = VllmConfig()):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+        import vllm  # optional dependency: ctxtree[vllm]
+
+        from ctxtree.kernels.vllm_model import register
+
+        register()  # this process; vLLM's own processes load it through the entry point
+        dtype = decoder.base.dtype
+        if dtype not in VLLM_DTYPES:
+            raise ValueError(f"the vLLM engine runs float32, bfloat16 or float16, not {dtype}")
+        self.config = config
+        self.n_layers = decoder.n_layers
+        self.model_dir = prepare_model_dir(ckpt_dir, decoder, config.max_context_positions, cache_dir)
+        self.llm = vllm.LLM(
+            model=str(self.model_dir), tokenizer=str(self.model_dir), dtype=VLLM_DTYPES[dtype],
+            enforce_eager=True, enable_mm_embeds=True, limit_mm_per_prompt={MODALITY: 1},
+            max_model_len=config.max_prompt_tokens + config.max_new_tokens,
+            max_num_batched_tokens=config.max_context_positions + config.max_prompt_tokens,
+            max_num_seqs=config.max_batch, generation_config="vllm", seed=0,
+            gpu_memory_utilization=config.gpu_memory_utilization)
+
+    def generate(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
+                 stop_ids: tuple[int, ...] = (), seeds: list[int] | None = None) -> list[list[int]]:
+        """Each request's new tokens, the stop token included when one ended it (as the torch
+        engine yields them)."""
+        from vllm import SamplingParams
+
+        if len(prompts) != len(contexts):
+            raise ValueError(f"{len(prompts)} prompts but {len(contexts)} contexts")
+        seeds = seeds if seeds is not None else [0] * len(prompts)
+        requests, params = [], []
+        for prompt, kv, seed in zip(prompts, contexts, seeds):
+            if not prompt:
+                raise ValueError("every prompt needs at least one token")
+            if len(prompt) > self.config.max_prompt_tokens:
+                raise ValueError(f"prompt of {len(prompt)} tokens; this engine takes at most "
+                                 f"{self.config.max_prompt_tokens} (VllmConfig.max_prompt_tokens)")
+            if sampling.max_tokens > self.config.max_new_tokens:
+                raise ValueError(f"max_tokens {sampling.max_tokens} > {self.config.max_new_tokens} "
+                                 f"(VllmConfig.max_new_tokens)")
+            if kv.keys.shape[0] != self.n_layers:
+                raise ValueError(f"context has K/V for {kv.keys.shape[0]} layers, the model injects {self.n_layers}")
+            if kv.keys.shape[2] > self.config.max_context_positions:
+                raise ValueError(f"{kv.keys.shape[2]} injected positions; this engine takes at most "
+                                 f"{self.config.max_context_positions} (VllmConfig.max_context_positions)")
+            requests.append({
+                "encoder_prompt": {"prompt_token_ids": [0], "multi_modal_data": {MODALITY: context_tensor(kv)},
+                                   # every request's context is its own: skip hashing its bytes
+                                   "multi_modal_uuids": {MODALITY: [uuid.uuid4().hex]}},
+                "decoder_prompt": {"prompt_token_ids": list(prompt)},
+            })
+            params.append(SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
+                                         top_p=sampling.top_p, seed=seed, stop_token_ids=list(stop_ids),
+                                         ignore_eos=True, detokenize=False))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
