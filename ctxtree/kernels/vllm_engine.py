@@ -7,7 +7,7 @@ Sampled tokens (temperature > 0) come from vLLM's own per-request seeded sampler
 for a seed and a request, not the torch engine's draws.
 
 vLLM is optional (`pip install ctxtree[vllm]` on GPU nodes, `make test-vllm` here): this
-module imports it when an engine is built, never at import time.
+module imports it (and vllm_model.py) when an engine is built, never at import time.
 
 What vLLM gets is a model directory made once per (base checkpoint, adapter, context
 limit), content-addressed under the cache dir: the base config with the injection fields,
@@ -30,7 +30,13 @@ from safetensors.torch import save_file
 
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.inject import InjectionDecoder, RequestKV
-from ctxtree.kernels.vllm_model import ARCHITECTURE, CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MODALITY, context_width
+
+# What the vLLM model (ctxtree/kernels/vllm_model.py, the only module that imports vLLM at
+# its top) and this module agree on:
+ARCHITECTURE = "CtxtreeInjectionLlama"
+MODALITY = "context"
+CONFIG_LAYERS = "ctxtree_injection_layers"             # config.json: M
+CONFIG_MAX_POSITIONS = "ctxtree_max_context_positions"  # config.json: the most injected positions per request
 
 # tokenizer files the converted checkpoints carry (weights.convert_gguf: save_pretrained)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -55,6 +61,11 @@ class VllmConfig:
         for name in ("max_context_positions", "max_prompt_tokens", "max_new_tokens", "max_batch", "kv_cache_gib"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def context_width(n_layers: int, n_kv_heads: int, head_dim: int) -> int:
+    """Features per injected position in the "context" tensor: M layers x (K, V) x Hkv x Dh."""
+    return n_layers * 2 * n_kv_heads * head_dim
 
 
 def context_tensor(kv: RequestKV) -> torch.Tensor:

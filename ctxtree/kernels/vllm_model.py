@@ -44,16 +44,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseProcessingIn
                                         PromptReplacement, PromptUpdate)
 from vllm.v1.attention.backend import AttentionType
 
-ARCHITECTURE = "CtxtreeInjectionLlama"
-MODALITY = "context"
-# config.json fields this model reads besides LLaMA's
-CONFIG_LAYERS = "ctxtree_injection_layers"             # M
-CONFIG_MAX_POSITIONS = "ctxtree_max_context_positions"  # the most injected positions one request may carry
-
-
-def context_width(n_layers: int, n_kv_heads: int, head_dim: int) -> int:
-    """Features per injected position in the "context" tensor: M layers x (K, V) x Hkv x Dh."""
-    return n_layers * 2 * n_kv_heads * head_dim
+from ctxtree.kernels.vllm_engine import ARCHITECTURE, CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MODALITY, context_width
 
 
 def register() -> None:

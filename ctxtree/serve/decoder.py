@@ -26,6 +26,8 @@ unbounded wait.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
@@ -58,6 +60,8 @@ class ServeArgs(BaseModel):
     max_answer_tokens: int = Field(default=1024, ge=1)
     max_batch: int = Field(default=8, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
+    engine: Literal["torch", "vllm"] = "torch"  # vllm: the replica's environment needs ctxtree[vllm]
+    max_context_positions: int = Field(default=4096, ge=1)
 
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(
@@ -67,7 +71,8 @@ class ServeArgs(BaseModel):
             device=self.device,
             cache_bytes=int(self.cache_mb * 2 ** 20), max_documents=self.max_documents,
             max_question_tokens=self.max_question_tokens, max_answer_tokens=self.max_answer_tokens,
-            max_batch=self.max_batch, batch_wait_ms=self.batch_wait_ms)
+            max_batch=self.max_batch, batch_wait_ms=self.batch_wait_ms, engine=self.engine,
+            max_context_positions=self.max_context_positions)
 
 
 @serve.deployment(name="decoder", max_ongoing_requests=8, max_queued_requests=32,

@@ -20,8 +20,9 @@ from typing import AsyncIterator
 import torch
 
 from ctxtree.kernels.compressor import query_vector, route_query
-from ctxtree.kernels.generate import SamplingConfig, generate, left_pad
-from ctxtree.kernels.inject import InjectionDecoder, batch_context
+from ctxtree.kernels.engines import DecodeEngine, TorchEngine
+from ctxtree.kernels.generate import SamplingConfig, left_pad
+from ctxtree.kernels.inject import InjectionDecoder
 from ctxtree.kernels.tree import ContextTree, search_documents
 
 _DONE = object()
@@ -48,10 +49,13 @@ class _Pending:
 
 class BatchingEngine:
     def __init__(self, decoder: InjectionDecoder, stop_ids: tuple[int, ...], max_batch: int = 8,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, engine: DecodeEngine | None = None):
+        """decoder: search and the injected K/V; engine: what decodes (kernels/engines.py;
+        default the torch engine over the same decoder)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.decoder = decoder
+        self.engine = engine or TorchEngine(decoder)
         self.stop_ids = stop_ids
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
@@ -121,10 +125,9 @@ class BatchingEngine:
                 route = route_query(model, q[row], r.question_ids)
                 r.selections = search_documents(r.trees, route, r.policy, self.decoder.top_chunks)
                 contexts.append(self.decoder.request_kv(r.trees, r.selections))
-            gens = [torch.Generator().manual_seed(r.seed) for r in requests]
             finished = [False] * len(batch)
-            for step in generate(self.decoder, [r.prompt for r in requests], batch_context(contexts),
-                                 requests[0].sampling, self.stop_ids, gens):
+            for step in self.engine.steps([r.prompt for r in requests], contexts, requests[0].sampling,
+                                          self.stop_ids, [r.seed for r in requests]):
                 for row, token in enumerate(step):
                     if finished[row]:
                         continue

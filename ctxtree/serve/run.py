@@ -23,6 +23,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per decoder replica")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per decoder replica (1 on GPU nodes)")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched together (1 = no batching)")
+    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+                   help="what decodes: torch (default) or vllm (needs ctxtree[vllm] where replicas run)")
     p.add_argument("--max-ongoing", type=int, default=8, help="requests in flight per replica")
     p.add_argument("--max-queued", type=int, default=32,
                    help="requests waiting for a replica; beyond this Serve answers 503")
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
     app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, top_chunks=args.top_chunks,
                          layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
-                         dtype=args.dtype, device=args.device, cache_mb=args.cache_mb, max_batch=args.max_batch)
+                         dtype=args.dtype, device=args.device, cache_mb=args.cache_mb, max_batch=args.max_batch,
+                         engine=args.engine)
     init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     decoder = Decoder.options(num_replicas=args.replicas, max_ongoing_requests=args.max_ongoing,

@@ -17,8 +17,9 @@ from typing import AsyncIterator
 
 from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt, question_tokens
-from ctxtree.runtime import Runtime, load_runtime
+from ctxtree.runtime import Runtime, cache_dir, load_runtime
 from ctxtree.store import Corrupt, TreeStore
+from ctxtree.kernels.engines import ENGINES, make_engine
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.tree import POLICIES, TreeConfig
 from ctxtree.serve.engine import BatchingEngine, GenRequest
@@ -42,11 +43,16 @@ class ServiceConfig:
     max_answer_tokens: int = 1024
     max_batch: int = 8
     batch_wait_ms: float = 5.0
+    engine: str = "torch"              # what decodes: torch (default, reference) or vllm (kernels/engines.py)
+    max_context_positions: int = 4096  # vllm engine: injected positions per request it reserves cache for
 
     def __post_init__(self) -> None:
-        for name in ("cache_bytes", "max_documents", "max_question_tokens", "max_answer_tokens", "max_batch"):
+        for name in ("cache_bytes", "max_documents", "max_question_tokens", "max_answer_tokens", "max_batch",
+                     "max_context_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} unknown; expected one of {ENGINES}")
 
 
 @dataclass
@@ -75,7 +81,12 @@ class DecoderService:
                                           top_chunks=config.top_chunks, device=config.device)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
-        self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms)
+        decode = make_engine(config.engine, self.rt.decoder, self.rt.ckpt_dir, cache_dir(),
+                             max_context_positions=config.max_context_positions,
+                             max_prompt_tokens=config.max_question_tokens,
+                             max_new_tokens=config.max_answer_tokens, max_batch=config.max_batch)
+        self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms,
+                                     decode)
 
     @property
     def model_name(self) -> str:

