@@ -8,6 +8,8 @@ one replica), all in one run:
   p50/p99 latency.
 
     python -m bench.serve --store ctxtree-data [--out bench/results/serve.json]
+    python -m bench.serve --engine torch,vllm     (in the vLLM venv, `make test-vllm`: both
+                                                   engines, the same figures side by side)
 
 The store must hold the compressed sample corpus (`make demo` writes it).
 """
@@ -33,9 +35,9 @@ QUESTIONS = ["What is this document about?", "Who may copy it?", "What does it s
              "What must a distributor do?"]
 
 
-def server(store: str, max_batch: int, max_queued: int, adapter: str | None) -> ServeProcess:
+def server(store: str, max_batch: int, max_queued: int, adapter: str | None, engine: str) -> ServeProcess:
     return ServeProcess(store, ("--max-batch", str(max_batch), "--max-ongoing", "8", "--max-queued", str(max_queued),
-                                *(("--adapter", adapter) if adapter else ())))
+                                "--engine", engine, *(("--adapter", adapter) if adapter else ())))
 
 
 def ask(url: str, i: int, max_tokens: int) -> dict:
@@ -87,10 +89,33 @@ def main() -> None:
     parser.add_argument("--adapter", default=None,
                         help="the server's --adapter (default: the shipped one; 'none': the base model, whose "
                              "answers run to --max-tokens)")
+    parser.add_argument("--engine", default="torch",
+                        help="torch, vllm, or torch,vllm: each runs the whole suite, in that order")
     args = parser.parse_args()
-    result: dict = {"max_tokens": args.max_tokens, "cpus": os.cpu_count(), "adapter": args.adapter or "shipped"}
+    engines = args.engine.split(",")
+    if not engines or any(e not in ("torch", "vllm") for e in engines) or len(set(engines)) != len(engines):
+        parser.error(f"--engine: torch, vllm or torch,vllm, not {args.engine!r}")
+    runs = {engine: suite(args, engine) for engine in engines}
+    if len(runs) == 1:
+        result = runs[engines[0]]
+    else:
+        t, v = runs["torch"], runs["vllm"]
+        ratio = {f"concurrency_{c['concurrency']}_requests_per_s": (vc["requests_per_s"] / c["requests_per_s"]
+                                                                    if c["requests_per_s"] else 0.0)
+                 for c, vc in zip(t["concurrency"], v["concurrency"])}
+        ratio["hit_ttft"] = v["cache"]["hit_ttft_s"] / t["cache"]["hit_ttft_s"] if t["cache"]["hit_ttft_s"] else 0.0
+        result = {"engines": runs, "vllm_over_torch": ratio}
+        print("vllm / torch: " + ", ".join(f"{k} {x:.2f}x" for k, x in ratio.items()), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
-    srv = server(args.store, max_batch=8, max_queued=64, adapter=args.adapter)
+
+def suite(args, engine: str) -> dict:
+    print(f"-- engine {engine}", flush=True)
+    result: dict = {"engine": engine, "max_tokens": args.max_tokens, "cpus": os.cpu_count(),
+                    "adapter": args.adapter or "shipped"}
+    srv = server(args.store, max_batch=8, max_queued=64, adapter=args.adapter, engine=engine)
     try:
         miss = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]     # first touch: loads
         hit = [ask(srv.url, i, args.max_tokens) for i in range(len(DOCS))]      # now resident
@@ -115,7 +140,7 @@ def main() -> None:
     finally:
         srv.stop()
 
-    srv = server(args.store, max_batch=1, max_queued=64, adapter=args.adapter)
+    srv = server(args.store, max_batch=1, max_queued=64, adapter=args.adapter, engine=engine)
     try:
         off = run_load(srv.url, args.sweep_requests, 8, args.max_tokens, args.budget_s)
     finally:
@@ -126,9 +151,7 @@ def main() -> None:
                           "off": off}
     print(f"batching at concurrency 8: on {on['requests_per_s']:.2f} req/s vs off {off['requests_per_s']:.2f} req/s "
           f"({result['batching']['speedup']:.2f}x)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ gets exactly the tokens it gets when served alone (greedy and seeded sampling)."
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import torch
 
@@ -92,3 +93,22 @@ def test_a_failing_request_is_an_error_and_the_engine_keeps_serving(tiny_model):
 
     error, ok = asyncio.run(run())
     assert "at least one token" in error and len(ok) == 3
+
+
+def test_engine_choice_is_checked_and_vllm_without_vllm_says_how_to_get_it(tiny_model):
+    import importlib.util
+
+    import pytest
+
+    from ctxtree.kernels.engines import TorchEngine, make_engine
+    from ctxtree.serve.service import ServiceConfig
+
+    dec = trained(tiny_model)
+    assert isinstance(make_engine("torch", dec), TorchEngine)
+    with pytest.raises(ValueError, match="unknown"):
+        make_engine("tensorrt", dec)
+    with pytest.raises(ValueError, match="unknown"):
+        ServiceConfig(store="x", engine="tensorrt")
+    if importlib.util.find_spec("vllm") is None:  # the main venv: a replica asked for vllm fails at start, clearly
+        with pytest.raises(ValueError, match=r"pip install 'ctxtree\[vllm\]'"):
+            make_engine("vllm", dec, ckpt_dir=Path("."), cache_dir=Path("."))

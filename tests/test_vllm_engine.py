@@ -64,7 +64,8 @@ def tiny(tmp_path_factory, smollm_dir):
     decoder.eval()
     engine = VllmDecoder(decoder, path, tmp_path_factory.mktemp("cache"),
                          VllmConfig(max_context_positions=256, max_prompt_tokens=64, max_new_tokens=32, max_batch=4))
-    return decoder, engine
+    yield decoder, engine
+    engine.close()
 
 
 def random_kv(positions: int, seed: int) -> RequestKV:
@@ -153,7 +154,10 @@ def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime):
             engine.close()
 
     reference, sizes = asyncio.run(answers(TorchEngine(rt.decoder)))
-    served, vllm_sizes = asyncio.run(answers(VllmEngine(vllm_decoder)))
+    try:
+        served, vllm_sizes = asyncio.run(answers(VllmEngine(vllm_decoder)))
+    finally:
+        vllm_decoder.close()
     assert sizes == vllm_sizes == [3]  # one batch of three documents, each request its own context
     assert served == reference
     assert all(reference) and len({tuple(t) for t in reference}) == 3

@@ -30,6 +30,9 @@ class DecodeEngine(Protocol):
         """Per step, each row's new token (None once that row has stopped); a row stops after
         its stop token (yielded) or max_tokens tokens (kernels/generate.py generate)."""
 
+    def close(self) -> None:
+        """Release what the engine holds (processes, device memory)."""
+
 
 @dataclass
 class TorchEngine:
@@ -38,6 +41,9 @@ class TorchEngine:
     def steps(self, prompts, contexts, sampling, stop_ids, seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         return generate(self.decoder, prompts, batch_context(contexts), sampling, stop_ids, gens)
+
+    def close(self) -> None:
+        pass  # the decoder belongs to the runtime
 
 
 @dataclass
@@ -48,6 +54,9 @@ class VllmEngine:
         rows = self.vllm.generate(prompts, contexts, sampling, stop_ids, seeds)
         for step in range(max(len(r) for r in rows)):
             yield [r[step] if step < len(r) else None for r in rows]
+
+    def close(self) -> None:
+        self.vllm.close()
 
 
 def make_engine(kind: str, decoder: InjectionDecoder, ckpt_dir: Path | None = None, cache_dir: Path | None = None,

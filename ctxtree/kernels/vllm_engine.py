@@ -191,3 +191,7 @@ class VllmDecoder:
                                          ignore_eos=True, detokenize=False))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def close(self) -> None:
+        """Stop vLLM's engine process now (it would stop at interpreter exit otherwise)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -110,11 +110,11 @@ class ChunkPool:
 
     def haystack_chunk(self, index: int) -> ContextTree:
         L = self.cfg.chunk_len
-        return self.cache.tree(f"{self.haystack.split}-hay-{index:06d}", self.haystack.tokens[index * L:(index + 1) * L])
+        return self.cache.tree(f"{self.haystack.label}-hay-{index:06d}", self.haystack.tokens[index * L:(index + 1) * L])
 
     def needle_name(self, index: int) -> str:
         """The cache name of needle chunk `index`: it says everything its tokens depend on."""
-        name = f"{self.haystack.split}-needle-{self.seed}-{self.digits[0]}-{self.digits[1]}-{index:06d}"
+        name = f"{self.haystack.label}-needle-{self.seed}-{self.digits[0]}-{self.digits[1]}-{index:06d}"
         if (self.needle_len, self.facts_per_chunk) != (self.cfg.chunk_len, 4):
             name += f"-n{self.needle_len}-f{self.facts_per_chunk}"
         if self.value_kinds != ("digits",):

@@ -5,7 +5,10 @@ Haystacks are real prose that every install has offline:
   (`pydoc_data.topics`, PSF License 2.0) and the licence texts in samples/corpus/
   (licence-*.txt, see samples/SOURCES.md);
 - held out: the Debian Reference chapters in samples/corpus/ (GPL-2+, Osamu Aoki),
-  66K tokens, so a held-out 64K-token document never repeats text.
+  66K tokens, so a held-out 64K-token document never repeats text;
+- prose passages for training only (wide_prose_texts): the training haystack plus other
+  kinds of text in samples/prose/, all public domain: presidential addresses, Genesis
+  (KJV), eight Shakespeare plays.
 
 Needles are short facts overwritten into the haystack's token stream at a line or
 sentence boundary, in place (the document keeps its length and every other chunk keeps
@@ -28,7 +31,9 @@ import hashlib
 import os
 import random
 import re
+import zipfile
 from dataclasses import dataclass, field
+from xml.etree import ElementTree
 from pathlib import Path
 
 SPLITS = ("train", "heldout")
@@ -43,6 +48,12 @@ PROSE_KINDS = ("template", "written", "absent")
 # Training and the quality bench read the sample corpus of a source checkout (samples/ is
 # not installed): CTXTREE_CORPUS_DIR points elsewhere, e.g. for a non-editable install.
 CORPUS_DIR = Path(os.environ.get("CTXTREE_CORPUS_DIR", Path(__file__).resolve().parents[2] / "samples" / "corpus"))
+
+
+# Other kinds of text, for prose questions only (samples/SOURCES.md): NLTK's data packages as
+# they are (State of the Union addresses 1945-2006, eight Shakespeare plays in Jon Bosak's
+# XML) and Genesis in the King James version.
+PROSE_DIR = Path(os.environ.get("CTXTREE_PROSE_DIR", CORPUS_DIR.parent / "prose"))
 
 
 def corpus_files(pattern: str) -> list[Path]:
@@ -175,30 +186,73 @@ def haystack_texts(split: str) -> list[tuple[str, str]]:
     raise ValueError(f"split {split!r} unknown; expected one of {SPLITS}")
 
 
+def play_text(xml: str) -> str:
+    """A play in Bosak's XML as plain text: titles, the persons of the play, stage
+    directions, and each speech as "SPEAKER:" and its lines."""
+    out: list[str] = []
+
+    def walk(el) -> None:
+        if el.tag == "SPEECH":  # its stage directions stay inside its lines
+            speakers = " and ".join(s.text.strip() for s in el.findall("SPEAKER") if s.text)
+            lines = [" ".join("".join(line.itertext()).split()) for line in el.findall("LINE")]
+            out.append(f"{speakers}:\n" + "\n".join(lines) + "\n")
+        elif el.tag in ("TITLE", "SUBTITLE", "PERSONA", "GRPDESCR", "SCNDESCR", "PLAYSUBT", "STAGEDIR"):
+            out.append(" ".join("".join(el.itertext()).split()))
+        elif el.tag != "FM":  # front matter: the markup's credits
+            for child in el:
+                walk(child)
+
+    walk(ElementTree.fromstring(xml))
+    return "\n".join(out)
+
+
+def wide_prose_texts() -> list[tuple[str, str]]:
+    """(name, text) of the passages training asks prose questions about when they are not
+    only the lookup haystack (TrainConfig.prose_passages "wide"): the training haystack,
+    then 65 State of the Union addresses, Genesis and eight plays. Training only: held-out
+    prose stays on the Debian Reference (another source, another kind of text)."""
+    texts = haystack_texts("train")
+    with zipfile.ZipFile(PROSE_DIR / "state_union.zip") as z:
+        texts += [(f"state_union:{Path(n).stem}", z.read(n).decode("latin-1"))
+                  for n in sorted(z.namelist()) if n.endswith(".txt")]
+    texts.append(("genesis-kjv", (PROSE_DIR / "genesis-kjv.txt").read_text()))
+    with zipfile.ZipFile(PROSE_DIR / "shakespeare.zip") as z:
+        texts += [(f"shakespeare:{Path(n).stem}", play_text(z.read(n).decode()))
+                  for n in sorted(z.namelist()) if n.endswith(".xml")]
+    return texts
+
+
 @dataclass
 class Haystack:
     """One split's haystack text as a single token stream, with the positions where a
-    needle may start (right after a newline or sentence end)."""
+    needle may start (right after a newline or sentence end). label: what its chunks are
+    called in the training chunk cache (default: the split)."""
     split: str
     tokens: list[int]
     boundaries: list[int]
     names: list[str]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.split
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
-def load_haystack(tokenizer, split: str) -> Haystack:
+def load_haystack(tokenizer, split: str, texts: list[tuple[str, str]] | None = None, label: str = "") -> Haystack:
+    """The split's haystack (haystack_texts), or these texts under this split's vocabulary
+    and a label of their own (wide_prose_texts)."""
     tokens: list[int] = []
     names = []
-    for name, text in haystack_texts(split):
+    for name, text in texts if texts is not None else haystack_texts(split):
         text = re.sub(r"\n{3,}", "\n\n", text.strip()) + "\n\n"
         tokens += tokenizer(text, add_special_tokens=False)["input_ids"]
         names.append(name)
     boundary_ids = {i for t, i in tokenizer.get_vocab().items()
                     if t.endswith(("Ċ", ".")) or t in ("ĊĊ", ".Ġ")}
     boundaries = [i + 1 for i, t in enumerate(tokens[:-1]) if t in boundary_ids]
-    return Haystack(split=split, tokens=tokens, boundaries=boundaries, names=names)
+    return Haystack(split=split, tokens=tokens, boundaries=boundaries, names=names, label=label)
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,16 @@ def prose_chunks(count: int, n_chunks: int, seed: int) -> list[int]:
 
 
 
+def passage_order(n_chunks: int, split: str, label: str, seed: int) -> list[int]:
+    """The order prose_set uses a haystack's chunks in: the lookup haystack's in order (the
+    sets made so far); a haystack of its own (data.wide_prose_texts) shuffled, so a set
+    smaller than it still draws from every kind of text in it, each passage once."""
+    order = list(range(n_chunks))
+    if label != split:
+        random.Random(f"prose-order:{label}:{seed}").shuffle(order)
+    return order
+
+
 def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id: int, count: int,
               needle_share: float, seed: int, cache_dir: Path, part_size: int = 128, log=None,
               batch: int = 8) -> list[ProseExample]:
@@ -186,8 +196,8 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
     question). Passages are used in turn, each time with the next kind of question; made
     part by part and cached under cache_dir (the teacher runs once per example, ever).
     batch: prompts the teacher answers at once (8 on a CPU; 64 or more on a GPU)."""
-    split = pool.haystack.split
-    plain = range(pool.n_haystack_chunks)  # every haystack chunk, in order
+    split, label = pool.haystack.split, pool.haystack.label
+    plain = passage_order(pool.n_haystack_chunks, split, label, seed)
     chunks, needles, kinds = [], [], []
     n_needle = n_plain = 0
     for g in range(count):
@@ -202,7 +212,7 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
         cycle = (n_plain - 1) // len(plain) if not needle else 0
         kinds.append(KIND_CYCLE[(g + cycle) % len(KIND_CYCLE)])  # a passage seen again gets another kind
     n_parts = (count + part_size - 1) // part_size
-    name = (f"prose2-{split}-{seed}-{count}-{pool.n_haystack_chunks}-n{needle_share:g}-p{part_size}-k{TOP_K}-"
+    name = (f"prose2-{label}-{seed}-{count}-{pool.n_haystack_chunks}-n{needle_share:g}-p{part_size}-k{TOP_K}-"
             f"{pool.needle_name(0)}.json")
 
     def make(part: int) -> list[ProseExample]:

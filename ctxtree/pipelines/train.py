@@ -38,6 +38,8 @@ from pathlib import Path
 
 from ctxtree.pipelines.data import PROSE_KINDS, VALUE_KINDS, check_value_kinds
 
+PROSE_PASSAGES = ("haystack", "wide")
+
 ADAPTER_DIR = "adapter"
 CHECKPOINTS = "checkpoints"
 LOG = "log.jsonl"
@@ -81,6 +83,10 @@ class TrainConfig:
     prose_kinds: tuple[str, ...] = ("template", "written")  # which of them are used (prose.KIND_CYCLE's kinds)
     prose_seed: int = 3                   # the prose set's seed: the teacher's answers cost 1.8 s each, stages share them
     prose_batch: int = 8                  # prompts the teacher answers at once (a speed setting: 64+ on a GPU)
+    # passages of prose questions: "haystack", the lookup haystack's chunks (pydoc topics and
+    # licences: ~600 chunks, memorised by 1,500 examples, docs/quality.md G1-G2); "wide", every
+    # chunk of data.wide_prose_texts (that haystack plus addresses, Genesis, plays: 3,744 of 256 tokens)
+    prose_passages: str = "haystack"
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     eval_every: int = 100
@@ -115,6 +121,8 @@ class TrainConfig:
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         check_value_kinds(tuple(self.value_kinds))
+        if self.prose_passages not in PROSE_PASSAGES:
+            raise ValueError(f"prose_passages must be one of {', '.join(PROSE_PASSAGES)}; got {self.prose_passages!r}")
         if not self.prose_kinds or not set(self.prose_kinds) <= set(PROSE_KINDS):
             raise ValueError(f"prose_kinds must be some of {', '.join(PROSE_KINDS)}; got {self.prose_kinds}")
         if not 1 <= self.digits[0] <= self.digits[1] <= 12:
@@ -186,7 +194,7 @@ def train_loop(config: dict) -> None:
     from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
     from ctxtree.kernels.inject import InjectionDecoder, load_adapter
     from ctxtree.pipelines.chunk_pool import ChunkCache, ChunkPool
-    from ctxtree.pipelines.data import load_haystack
+    from ctxtree.pipelines.data import load_haystack, wide_prose_texts
     from ctxtree.pipelines.prose import prose_set, prose_tree
     from ctxtree.prompt import end_of_turn_id
     from ctxtree.pipelines.teacher import teacher_model
@@ -258,6 +266,10 @@ def train_loop(config: dict) -> None:
         # the teacher read)
         prose_pool, eval_prose_pool = (pool if cfg.prose_seed == cfg.seed else
                                        needle_pool(pool.haystack, cfg.prose_seed) for pool in (train_pool, eval_pool))
+        if cfg.prose_passages == "wide":  # every chunk of the wide texts, not the lookups' first chunks
+            wide = load_haystack(rt.tokenizer, "train", wide_prose_texts(), label="train-wide")
+            prose_pool = ChunkPool(chunks, rt.tokenizer, wide, cfg.prose_seed, cfg.digits, cfg.facts_per_chunk,
+                                   cfg.needle_len, 0, cfg.value_kinds)
         prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
                           cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say, batch=cfg.prose_batch)
         eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,

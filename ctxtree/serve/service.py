@@ -85,6 +85,7 @@ class DecoderService:
                              max_context_positions=config.max_context_positions,
                              max_prompt_tokens=config.max_question_tokens,
                              max_new_tokens=config.max_answer_tokens, max_batch=config.max_batch)
+        self.decode = decode  # this service made it, so it closes it
         self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms,
                                      decode)
 
@@ -187,4 +188,5 @@ class DecoderService:
 
     def close(self) -> None:
         self.engine.close()
+        self.decode.close()
         self.cache.close()
