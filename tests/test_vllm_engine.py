@@ -98,6 +98,19 @@ def test_tiny_stop_tokens_end_a_request_as_in_the_torch_engine(tiny):
     assert run_steps(VllmEngine(vllm_decoder), prompts, contexts, SamplingConfig(max_tokens=10), stop) == expected
 
 
+def test_tokens_stream_while_vllm_decodes_and_closing_early_aborts(tiny):
+    decoder, vllm_decoder = tiny
+    prompts, contexts = [[5, 6], [7]], [random_kv(20, 1), random_kv(30, 2)]
+    steps = vllm_decoder.steps(prompts, contexts, SamplingConfig(max_tokens=20))
+    first = next(steps)
+    assert len(first) == 2 and None not in first
+    assert vllm_decoder.llm.llm_engine.has_unfinished_requests()  # streamed before the answers ended
+    steps.close()  # a client went away
+    assert not vllm_decoder.llm.llm_engine.has_unfinished_requests()
+    short = SamplingConfig(max_tokens=3)
+    assert vllm_decoder.generate(prompts, contexts, short) == run_steps(TorchEngine(decoder), prompts, contexts, short)
+
+
 def test_requests_beyond_the_engine_limits_are_refused_clearly(tiny):
     _, vllm_decoder = tiny
     greedy = SamplingConfig(max_tokens=4)

@@ -5,8 +5,8 @@ every engine; only decoding differs. Two engines:
 - "torch" (default, the reference): kernels/generate.py, tokens streamed step by step,
   sampling with each request's own seeded torch generator.
 - "vllm" (optional, GPU nodes): kernels/vllm_engine.py. Greedy tokens equal the torch
-  engine's; the tokens of a batch arrive when vLLM has finished it (no per-step streaming
-  through vLLM's offline API), and sampled tokens follow vLLM's seeded sampler.
+  engine's and stream step by step from vLLM's engine; sampled tokens follow vLLM's seeded
+  sampler.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ class VllmEngine:
     vllm: object  # kernels/vllm_engine.py VllmDecoder (imported only when this engine is built)
 
     def steps(self, prompts, contexts, sampling, stop_ids, seeds):
-        rows = self.vllm.generate(prompts, contexts, sampling, stop_ids, seeds)
-        for step in range(max(len(r) for r in rows)):
-            yield [r[step] if step < len(r) else None for r in rows]
+        return self.vllm.steps(prompts, contexts, sampling, stop_ids, seeds)
 
     def close(self) -> None:
         self.vllm.close()

@@ -22,8 +22,10 @@ import json
 import os
 import shutil
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -156,41 +158,90 @@ class VllmDecoder:
             max_num_seqs=config.max_batch, generation_config="vllm", seed=0,
             gpu_memory_utilization=config.gpu_memory_utilization)
 
-    def generate(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
-                 stop_ids: tuple[int, ...] = (), seeds: list[int] | None = None) -> list[list[int]]:
-        """Each request's new tokens, the stop token included when one ended it (as the torch
-        engine yields them)."""
+    def steps(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
+              stop_ids: tuple[int, ...] = (), seeds: list[int] | None = None) -> Iterator[list[int | None]]:
+        """Per decoding step, each request's new token (None once it has stopped), as
+        kernels/generate.py generate yields them: the stop token that ended a request is
+        yielded. Tokens stream as vLLM's engine steps produce them; a request vLLM scheduled
+        later than the others holds the step back until it catches up. Closing the iterator
+        early aborts what is still running."""
         from vllm import SamplingParams
 
         if len(prompts) != len(contexts):
             raise ValueError(f"{len(prompts)} prompts but {len(contexts)} contexts")
         seeds = seeds if seeds is not None else [0] * len(prompts)
-        requests, params = [], []
-        for prompt, kv, seed in zip(prompts, contexts, seeds):
-            if not prompt:
-                raise ValueError("every prompt needs at least one token")
-            if len(prompt) > self.config.max_prompt_tokens:
-                raise ValueError(f"prompt of {len(prompt)} tokens; this engine takes at most "
-                                 f"{self.config.max_prompt_tokens} (VllmConfig.max_prompt_tokens)")
-            if sampling.max_tokens > self.config.max_new_tokens:
-                raise ValueError(f"max_tokens {sampling.max_tokens} > {self.config.max_new_tokens} "
-                                 f"(VllmConfig.max_new_tokens)")
-            if kv.keys.shape[0] != self.n_layers:
-                raise ValueError(f"context has K/V for {kv.keys.shape[0]} layers, the model injects {self.n_layers}")
-            if kv.keys.shape[2] > self.config.max_context_positions:
-                raise ValueError(f"{kv.keys.shape[2]} injected positions; this engine takes at most "
-                                 f"{self.config.max_context_positions} (VllmConfig.max_context_positions)")
-            requests.append({
-                "encoder_prompt": {"prompt_token_ids": [0], "multi_modal_data": {MODALITY: context_tensor(kv)},
-                                   # every request's context is its own: skip hashing its bytes
-                                   "multi_modal_uuids": {MODALITY: [uuid.uuid4().hex]}},
-                "decoder_prompt": {"prompt_token_ids": list(prompt)},
-            })
-            params.append(SamplingParams(max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                         top_p=sampling.top_p, seed=seed, stop_token_ids=list(stop_ids),
-                                         ignore_eos=True, detokenize=False))
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
+        requests = [self._request(prompt, kv, sampling) for prompt, kv in zip(prompts, contexts)]
+        engine = self.llm.llm_engine
+        batch = uuid.uuid4().hex
+        ids = [f"{batch}-{row}" for row in range(len(prompts))]
+        for rid, request, seed in zip(ids, requests, seeds):
+            engine.add_request(rid, request, SamplingParams(
+                max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
+                stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False))
+        row_of = {rid: row for row, rid in enumerate(ids)}
+        pending: list[deque[int]] = [deque() for _ in ids]   # tokens vLLM made, not yet yielded
+        seen = [0] * len(ids)                                 # tokens vLLM made so far, per request
+        ended = [False] * len(ids)                            # vLLM finished the request
+        done = [False] * len(ids)                             # ...and its last token was yielded
+        try:
+            while not all(done):
+                while not all(done) and all(done[r] or pending[r] for r in range(len(ids))):
+                    step: list[int | None] = []
+                    for r in range(len(ids)):
+                        if done[r]:
+                            step.append(None)
+                            continue
+                        step.append(pending[r].popleft())
+                        done[r] = ended[r] and not pending[r]
+                    yield step
+                if all(done):
+                    return
+                if not engine.has_unfinished_requests():
+                    raise RuntimeError("vLLM finished without the tokens of every request")
+                for out in engine.step():
+                    r = row_of.get(out.request_id)
+                    if r is None:
+                        continue
+                    tokens = out.outputs[0].token_ids
+                    pending[r].extend(tokens[seen[r]:])
+                    seen[r] = len(tokens)
+                    ended[r] = out.finished
+        finally:
+            unfinished = [rid for rid, r in row_of.items() if not ended[r]]
+            if unfinished:
+                engine.abort_request(unfinished)
+
+    def generate(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
+                 stop_ids: tuple[int, ...] = (), seeds: list[int] | None = None) -> list[list[int]]:
+        """Each request's new tokens, the stop token included when one ended it."""
+        rows: list[list[int]] = [[] for _ in prompts]
+        for step in self.steps(prompts, contexts, sampling, stop_ids, seeds):
+            for row, token in enumerate(step):
+                if token is not None:
+                    rows[row].append(token)
+        return rows
+
+    def _request(self, prompt: list[int], kv: RequestKV, sampling: SamplingConfig) -> dict:
+        """One request as vLLM's explicit encoder/decoder prompt, after the limits are checked."""
+        if not prompt:
+            raise ValueError("every prompt needs at least one token")
+        if len(prompt) > self.config.max_prompt_tokens:
+            raise ValueError(f"prompt of {len(prompt)} tokens; this engine takes at most "
+                             f"{self.config.max_prompt_tokens} (VllmConfig.max_prompt_tokens)")
+        if sampling.max_tokens > self.config.max_new_tokens:
+            raise ValueError(f"max_tokens {sampling.max_tokens} > {self.config.max_new_tokens} "
+                             f"(VllmConfig.max_new_tokens)")
+        if kv.keys.shape[0] != self.n_layers:
+            raise ValueError(f"context has K/V for {kv.keys.shape[0]} layers, the model injects {self.n_layers}")
+        if kv.keys.shape[2] > self.config.max_context_positions:
+            raise ValueError(f"{kv.keys.shape[2]} injected positions; this engine takes at most "
+                             f"{self.config.max_context_positions} (VllmConfig.max_context_positions)")
+        return {
+            "encoder_prompt": {"prompt_token_ids": [0], "multi_modal_data": {MODALITY: context_tensor(kv)},
+                               # every request's context is its own: skip hashing its bytes
+                               "multi_modal_uuids": {MODALITY: [uuid.uuid4().hex]}},
+            "decoder_prompt": {"prompt_token_ids": list(prompt)},
+        }
 
     def close(self) -> None:
         """Stop vLLM's engine process now (it would stop at interpreter exit otherwise)."""
