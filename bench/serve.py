@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx2
 
+from ctxtree.kernels.engines import ENGINES
 from ctxtree.serve.launch import ServeProcess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -93,7 +94,7 @@ def main() -> None:
                         help="torch, vllm, or torch,vllm: each runs the whole suite, in that order")
     args = parser.parse_args()
     engines = args.engine.split(",")
-    if not engines or any(e not in ("torch", "vllm") for e in engines) or len(set(engines)) != len(engines):
+    if not engines or any(e not in ENGINES for e in engines) or len(set(engines)) != len(engines):
         parser.error(f"--engine: torch, vllm or torch,vllm, not {args.engine!r}")
     runs = {engine: suite(args, engine) for engine in engines}
     if len(runs) == 1:

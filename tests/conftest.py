@@ -44,6 +44,12 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ckpt_no_bias(tmp_path_factory) -> Path:
+    """Like tiny_ckpt without attention biases (what the vLLM engine takes)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-no-bias"), seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_ckpt):
     model, _ = load_llama(tiny_ckpt)
     return model

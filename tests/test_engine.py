@@ -112,3 +112,37 @@ def test_engine_choice_is_checked_and_vllm_without_vllm_says_how_to_get_it(tiny_
     if importlib.util.find_spec("vllm") is None:  # the main venv: a replica asked for vllm fails at start, clearly
         with pytest.raises(ValueError, match=r"pip install 'ctxtree\[vllm\]'"):
             make_engine("vllm", dec, ckpt_dir=Path("."), cache_dir=Path("."))
+
+
+def test_a_request_beyond_the_engines_limits_fails_alone_and_its_batch_is_answered(tiny_model):
+    import pytest
+
+    from ctxtree.kernels.engines import TorchEngine
+    from ctxtree.serve.protocol import RequestTooLarge
+
+    class ShortPrompts(TorchEngine):  # the torch engine with a prompt limit, as the vllm engine has
+        def check(self, prompt, kv, sampling) -> None:
+            if len(prompt) > 5:
+                raise ValueError(f"prompt of {len(prompt)} tokens; this engine takes at most 5")
+
+    dec = trained(tiny_model)
+    sampling = SamplingConfig(max_tokens=6)
+
+    async def together():
+        engine = BatchingEngine(dec, stop_ids=(), max_batch=8, max_wait_ms=20, engine=ShortPrompts(dec))
+        out = await asyncio.gather(*[collect(engine, r) for r in requests(tiny_model, sampling)],
+                                   return_exceptions=True)
+        engine.close()
+        return out
+
+    async def alone():
+        engine = BatchingEngine(dec, stop_ids=(), max_batch=1, max_wait_ms=0)
+        out = [await collect(engine, r) for r in requests(tiny_model, sampling)]
+        engine.close()
+        return out
+
+    got, expected = asyncio.run(together()), asyncio.run(alone())
+    assert isinstance(got[2], RequestTooLarge) and "at most 5" in str(got[2])  # the 7-token prompt
+    assert [g for i, g in enumerate(got) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
+    with pytest.raises(ValueError):
+        ShortPrompts(dec).check(list(range(9)), None, sampling)

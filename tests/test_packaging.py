@@ -41,8 +41,9 @@ NOT_IMPORTED = {
 
 
 # Modules that import an optional extra, and that extra: vllm_model.py at its top (vLLM loads
-# it through its plugin entry point), vllm_engine.py when an engine is built.
-OPTIONAL_MODULES = {"ctxtree/kernels/vllm_model.py": "vllm", "ctxtree/kernels/vllm_engine.py": "vllm"}
+# it by name), vllm_engine.py when an engine is built, vllm_plugin.py when vLLM calls it.
+OPTIONAL_MODULES = {"ctxtree/kernels/vllm_model.py": "vllm", "ctxtree/kernels/vllm_engine.py": "vllm",
+                    "ctxtree/kernels/vllm_plugin.py": "vllm"}
 
 
 def requirements(group: str) -> list[Requirement]:

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these in their own venv")
 
-from ctxtree.kernels.engines import TorchEngine, VllmEngine  # noqa: E402
+from ctxtree.kernels.engines import TorchEngine  # noqa: E402
 from ctxtree.kernels.generate import SamplingConfig  # noqa: E402
 from ctxtree.kernels.inject import InjectionDecoder, RequestKV  # noqa: E402
 from ctxtree.kernels.tree import TreeConfig, build_tree  # noqa: E402
@@ -81,7 +81,7 @@ def test_tiny_greedy_tokens_equal_the_torch_engine(tiny):
     contexts = [random_kv(40, 1), random_kv(96, 2), random_kv(13, 3), random_kv(0, 4)]
     greedy = SamplingConfig(max_tokens=8)
     reference = run_steps(TorchEngine(decoder), prompts, contexts, greedy)
-    assert run_steps(VllmEngine(vllm_decoder), prompts, contexts, greedy) == reference
+    assert run_steps(vllm_decoder, prompts, contexts, greedy) == reference
     # the contexts matter: the same prompt with another context, or none, decodes differently
     assert reference[0] != reference[1]
     without = run_steps(TorchEngine(decoder), prompts, [random_kv(0, 0)] * 4, greedy)
@@ -95,7 +95,7 @@ def test_tiny_stop_tokens_end_a_request_as_in_the_torch_engine(tiny):
     stop = (free[0][3],)
     expected = run_steps(TorchEngine(decoder), prompts, contexts, SamplingConfig(max_tokens=10), stop)
     assert expected[0] == free[0][:free[0].index(stop[0]) + 1]
-    assert run_steps(VllmEngine(vllm_decoder), prompts, contexts, SamplingConfig(max_tokens=10), stop) == expected
+    assert run_steps(vllm_decoder, prompts, contexts, SamplingConfig(max_tokens=10), stop) == expected
 
 
 def test_tokens_stream_while_vllm_decodes_and_closing_early_aborts(tiny):
@@ -138,7 +138,7 @@ QUESTIONS = [("license-GPL-3.txt", "Who is allowed to copy and distribute this l
              ("debian-reference-ch05-network-setup.txt", "How do I configure the network?")]
 
 
-def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime):
+def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime, tmp_path):
     rt = smollm_runtime
     assert rt.adapter_dir is not None and rt.decoder.top_chunks > 0  # the shipped adapter
     cfg = TreeConfig()
@@ -146,7 +146,7 @@ def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime):
     for name, _ in QUESTIONS:  # the first 1,024 tokens of each document: four chunks
         tokens = document_tokens(rt.tokenizer, (REPO / "samples" / "corpus" / name).read_text())[:1024]
         trees[name] = build_tree(rt.model, torch.tensor(tokens), cfg)
-    vllm_decoder = VllmDecoder(rt.decoder, rt.ckpt_dir, Path(rt.ckpt_dir).parent,
+    vllm_decoder = VllmDecoder(rt.decoder, rt.ckpt_dir, tmp_path,
                                VllmConfig(max_context_positions=2048, max_prompt_tokens=256, max_new_tokens=32,
                                           max_batch=4))
 
@@ -168,7 +168,7 @@ def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime):
 
     reference, sizes = asyncio.run(answers(TorchEngine(rt.decoder)))
     try:
-        served, vllm_sizes = asyncio.run(answers(VllmEngine(vllm_decoder)))
+        served, vllm_sizes = asyncio.run(answers(vllm_decoder))
     finally:
         vllm_decoder.close()
     assert sizes == vllm_sizes == [3]  # one batch of three documents, each request its own context

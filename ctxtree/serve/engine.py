@@ -24,6 +24,7 @@ from ctxtree.kernels.engines import DecodeEngine, TorchEngine
 from ctxtree.kernels.generate import SamplingConfig, left_pad
 from ctxtree.kernels.inject import InjectionDecoder
 from ctxtree.kernels.tree import ContextTree, search_documents
+from ctxtree.serve.protocol import RequestTooLarge
 
 _DONE = object()
 
@@ -125,6 +126,16 @@ class BatchingEngine:
                 route = route_query(model, q[row], r.question_ids)
                 r.selections = search_documents(r.trees, route, r.policy, self.decoder.top_chunks)
                 contexts.append(self.decoder.request_kv(r.trees, r.selections))
+            fits = []
+            for row, (p, r) in enumerate(zip(batch, requests)):
+                try:
+                    self.engine.check(r.prompt, contexts[row], r.sampling)
+                    fits.append(row)
+                except ValueError as e:  # beyond this engine's limits: that request fails, not its batch
+                    send(p, RequestTooLarge(str(e)))
+            batch, requests, contexts = ([x[row] for row in fits] for x in (batch, requests, contexts))
+            if not batch:
+                return
             finished = [False] * len(batch)
             for step in self.engine.steps([r.prompt for r in requests], contexts, requests[0].sampling,
                                           self.stop_ids, [r.seed for r in requests]):
@@ -145,7 +156,8 @@ class BatchingEngine:
             for p in batch:
                 send(p, e)
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop batching; wait: also for the batch decoding now (before its engine is closed)."""
         if self._runner is not None:
             self._runner.cancel()
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.shutdown(wait=wait, cancel_futures=True)

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from ctxtree.cli_args import add_model_args
+from ctxtree.kernels.engines import ENGINES
 from ctxtree.ray_session import init_ray
 
 
@@ -23,7 +24,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs reserved per decoder replica")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs per decoder replica (1 on GPU nodes)")
     p.add_argument("--max-batch", type=int, default=8, help="requests batched together (1 = no batching)")
-    p.add_argument("--engine", choices=("torch", "vllm"), default="torch",
+    p.add_argument("--engine", choices=ENGINES, default="torch",
                    help="what decodes: torch (default) or vllm (needs ctxtree[vllm] where replicas run)")
     p.add_argument("--max-ongoing", type=int, default=8, help="requests in flight per replica")
     p.add_argument("--max-queued", type=int, default=32,

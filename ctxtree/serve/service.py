@@ -20,6 +20,7 @@ from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime, cache_dir, load_runtime
 from ctxtree.store import Corrupt, TreeStore
 from ctxtree.kernels.engines import ENGINES, make_engine
+from ctxtree.kernels.vllm_engine import VllmConfig
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.tree import POLICIES, TreeConfig
 from ctxtree.serve.engine import BatchingEngine, GenRequest
@@ -44,7 +45,7 @@ class ServiceConfig:
     max_batch: int = 8
     batch_wait_ms: float = 5.0
     engine: str = "torch"              # what decodes: torch (default, reference) or vllm (kernels/engines.py)
-    max_context_positions: int = 4096  # vllm engine: injected positions per request it reserves cache for
+    max_context_positions: int = VllmConfig.max_context_positions  # vllm engine: injected positions per request
 
     def __post_init__(self) -> None:
         for name in ("cache_bytes", "max_documents", "max_question_tokens", "max_answer_tokens", "max_batch",
@@ -81,10 +82,9 @@ class DecoderService:
                                           top_chunks=config.top_chunks, device=config.device)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
-        decode = make_engine(config.engine, self.rt.decoder, self.rt.ckpt_dir, cache_dir(),
-                             max_context_positions=config.max_context_positions,
-                             max_prompt_tokens=config.max_question_tokens,
-                             max_new_tokens=config.max_answer_tokens, max_batch=config.max_batch)
+        decode = make_engine(config.engine, self.rt.decoder, self.rt.ckpt_dir, cache_dir(), VllmConfig(
+            max_context_positions=config.max_context_positions, max_prompt_tokens=config.max_question_tokens,
+            max_new_tokens=config.max_answer_tokens, max_batch=config.max_batch))
         self.decode = decode  # this service made it, so it closes it
         self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms,
                                      decode)
@@ -187,6 +187,6 @@ class DecoderService:
         return {"documents": documents, "bytes": sum(c.nbytes for c in loaded)}
 
     def close(self) -> None:
-        self.engine.close()
+        self.engine.close(wait=True)  # the batch decoding now finishes before its engine goes
         self.decode.close()
         self.cache.close()
