@@ -25,6 +25,11 @@ from ctxtree.kernels.vllm_engine import VllmConfig
 ENGINES = ("torch", "vllm")
 
 
+def check_engine(kind: str) -> None:
+    if kind not in ENGINES:
+        raise ValueError(f"engine {kind!r} unknown; expected one of {ENGINES}")
+
+
 class DecodeEngine(Protocol):
     def check(self, prompt: list[int], kv: RequestKV, sampling: SamplingConfig) -> None:
         """Raise ValueError, naming the limit, for a request this engine cannot take."""
@@ -57,10 +62,9 @@ def make_engine(kind: str, decoder: InjectionDecoder, ckpt_dir: Path | None = No
                 vllm_config: VllmConfig = VllmConfig()) -> DecodeEngine:
     """kind "torch" or "vllm"; the vLLM engine needs the base checkpoint directory and a cache
     dir for its model directory, and sizes its buffers by vllm_config."""
+    check_engine(kind)
     if kind == "torch":
         return TorchEngine(decoder)
-    if kind != "vllm":
-        raise ValueError(f"engine {kind!r} unknown; expected one of {ENGINES}")
     if ckpt_dir is None or cache_dir is None:
         raise ValueError("the vllm engine needs the base checkpoint directory and a cache directory")
     if importlib.util.find_spec("vllm") is None:

@@ -12,7 +12,7 @@ module imports it (and vllm_model.py) when an engine is built, never at import t
 What vLLM gets is a model directory made once per (base checkpoint, adapter, context
 limit), content-addressed under the cache dir: the base config with the injection fields,
 links to the base weights and tokenizer, and the adapter's weights renamed to the vLLM
-model's names. Written to a temporary directory and renamed into place.
+model's names. Written to a temporary directory and renamed into place (weights.make_dir_once).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from safetensors.torch import save_file
 
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.inject import InjectionDecoder, RequestKV
+from ctxtree.kernels.weights import make_dir_once
 
 # What the vLLM model (ctxtree/kernels/vllm_model.py, the only module that imports vLLM at
 # its top) and this module agree on:
@@ -107,29 +107,20 @@ def prepare_model_dir(ckpt_dir: Path, decoder: InjectionDecoder, max_context_pos
                          "layers": decoder.n_layers, "max_positions": max_context_positions}).encode())
     for name in sorted(weights):
         h.update(name.encode() + weights[name].numpy().tobytes())
-    target = Path(cache_dir) / "vllm" / h.hexdigest()[:16]
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    config = json.loads((ckpt_dir / "config.json").read_text())
-    config.update({"architectures": [ARCHITECTURE], "is_encoder_decoder": True,
-                   CONFIG_LAYERS: decoder.n_layers, CONFIG_MAX_POSITIONS: max_context_positions})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for f in sorted(ckpt_dir.glob("*.safetensors")):
-        os.symlink(f.resolve(), tmp / f.name)
-    for name in _TOKENIZER_FILES:
-        if (ckpt_dir / name).is_file():
-            os.symlink((ckpt_dir / name).resolve(), tmp / name)
-    save_file(weights, str(tmp / "ctxtree-injection.safetensors"))
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process made the same directory
-    return target
+
+    def write(tmp: Path) -> None:
+        config = json.loads((ckpt_dir / "config.json").read_text())
+        config.update({"architectures": [ARCHITECTURE], "is_encoder_decoder": True,
+                       CONFIG_LAYERS: decoder.n_layers, CONFIG_MAX_POSITIONS: max_context_positions})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        for f in sorted(ckpt_dir.glob("*.safetensors")):
+            os.symlink(f.resolve(), tmp / f.name)
+        for name in _TOKENIZER_FILES:
+            if (ckpt_dir / name).is_file():
+                os.symlink((ckpt_dir / name).resolve(), tmp / name)
+        save_file(weights, str(tmp / "ctxtree-injection.safetensors"))
+
+    return make_dir_once(Path(cache_dir) / "vllm" / h.hexdigest()[:16], write)
 
 
 class VllmDecoder:

@@ -51,9 +51,21 @@ from ctxtree.kernels.vllm_engine import CONFIG_LAYERS, CONFIG_MAX_POSITIONS, MOD
 
 # ---- multimodal plumbing: the "context" modality ---------------------------------------
 
+def _layers(hf_config) -> int:
+    return int(getattr(hf_config, CONFIG_LAYERS))
+
+
+def _max_positions(hf_config) -> int:
+    return int(getattr(hf_config, CONFIG_MAX_POSITIONS))
+
+
+def _head_dim(hf_config) -> int:
+    # the rule of ctxtree/kernels/config.py LlamaConfig.from_hf
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 def _width_of(hf_config) -> int:
-    return context_width(int(getattr(hf_config, CONFIG_LAYERS)), hf_config.num_key_value_heads,
-                         getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads)
+    return context_width(_layers(hf_config), hf_config.num_key_value_heads, _head_dim(hf_config))
 
 
 class ContextParser(MultiModalDataParser):
@@ -83,11 +95,11 @@ class ContextProcessingInfo(BaseProcessingInfo):
         return {MODALITY: 1}
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:
-        return {MODALITY: int(getattr(self.get_hf_config(), CONFIG_MAX_POSITIONS))}
+        return {MODALITY: _max_positions(self.get_hf_config())}
 
     def get_data_parser(self) -> MultiModalDataParser:
         cfg = self.get_hf_config()
-        return ContextParser(_width_of(cfg), int(getattr(cfg, CONFIG_MAX_POSITIONS)))
+        return ContextParser(_width_of(cfg), _max_positions(cfg))
 
 
 class ContextDummyInputs(BaseDummyInputsBuilder[ContextProcessingInfo]):
@@ -100,7 +112,7 @@ class ContextDummyInputs(BaseDummyInputsBuilder[ContextProcessingInfo]):
         if not mm_counts.get(MODALITY, 0):
             return {}
         cfg = self.info.get_hf_config()
-        return {MODALITY: torch.zeros(int(getattr(cfg, CONFIG_MAX_POSITIONS)), _width_of(cfg))}
+        return {MODALITY: torch.zeros(_max_positions(cfg), _width_of(cfg))}
 
 
 class ContextProcessor(EncDecMultiModalProcessor[ContextProcessingInfo]):
@@ -130,7 +142,7 @@ class CrossBlock(nn.Module):
     def __init__(self, config, cache_config, quant_config, prefix: str):
         super().__init__()
         self.n_heads, self.n_kv = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.head_dim = _head_dim(config)
         bias = bool(getattr(config, "attention_bias", False))
         self.cross_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.query = ColumnParallelLinear(config.hidden_size, self.n_heads * self.head_dim, bias=bias,
@@ -154,7 +166,7 @@ class InjectionDecoderLayer(LlamaDecoderLayer):
         config = vllm_config.model_config.hf_config
         self.layer_index = int(prefix.rsplit(".", 1)[-1])
         self.cross_attn = None
-        if self.layer_index < int(getattr(config, CONFIG_LAYERS)):
+        if self.layer_index < _layers(config):
             self.cross_attn = CrossBlock(config, vllm_config.cache_config, vllm_config.quant_config,
                                          f"{prefix}.cross_attn")
 
@@ -188,7 +200,7 @@ class InjectionLlamaForCausalLM(LlamaForCausalLM, SupportsMultiModal):
             raise ValueError("the vLLM injection decoder needs a base model without attention biases "
                              "(a zero context must give a zero cross output)")
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=InjectionDecoderLayer)
-        self.n_layers = int(getattr(config, CONFIG_LAYERS))
+        self.n_layers = _layers(config)
         self.width = _width_of(config)
 
     def _init_model(self, vllm_config: VllmConfig, prefix: str = "", layer_type=InjectionDecoderLayer):

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -105,6 +106,29 @@ def file_sha256(path: Path, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def make_dir_once(target: Path, fill: Callable[[Path], None]) -> Path:
+    """`target`, a directory whose config.json says it is whole: made by fill(tmp) in a
+    temporary sibling and renamed into place, so a crash mid-way never leaves a half-made
+    directory that later loads would trust; if it exists, it is returned as it is."""
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process made it first: theirs is fine
+    return target
+
+
 def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file once into `cache_dir/<stem>-<sha>/` (config, safetensors, tokenizer).
 
@@ -115,34 +139,26 @@ def convert_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     if not gguf_file.is_file():
         raise CheckpointError(f"GGUF file not found: {gguf_file}")
     target = Path(cache_dir) / f"{gguf_file.stem}-{file_sha256(gguf_file)[:16]}"
-    if (target / "config.json").is_file():
-        return target
-    # transformers is only needed here, for the one-time GGUF dequantization.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
-                                              dtype=torch.float32)
-    # save_pretrained refuses GGUF-loaded models, so write the dequantized weights ourselves.
-    tmp.mkdir(parents=True)
-    config = hf.config.to_dict()
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
-    if config.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    tok.save_pretrained(str(tmp))
-    try:
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # lost a race to another process: theirs is fine
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    def write(tmp: Path) -> None:
+        # transformers is only needed here, for the one-time GGUF dequantization.
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                  dtype=torch.float32)
+        # save_pretrained refuses GGUF-loaded models, so write the dequantized weights ourselves.
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = "float32"
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if config.get("tie_word_embeddings"):
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tok.save_pretrained(str(tmp))
+
+    return make_dir_once(target, write)
 
 
 def prepare_checkpoint(path: Path, cache_dir: Path) -> Path:

@@ -267,8 +267,8 @@ def train_loop(config: dict) -> None:
         prose_pool, eval_prose_pool = (pool if cfg.prose_seed == cfg.seed else
                                        needle_pool(pool.haystack, cfg.prose_seed) for pool in (train_pool, eval_pool))
         if cfg.prose_passages == "wide":  # every chunk of the wide texts, not the lookups' first chunks
-            wide = load_haystack(rt.tokenizer, "train", wide_prose_texts(), label="train-wide")
-            prose_pool = needle_pool(wide, cfg.prose_seed, haystack_chunks=0)
+            prose_pool = needle_pool(load_haystack(rt.tokenizer, "train", wide_prose_texts(), label="train-wide"),
+                                     cfg.prose_seed, haystack_chunks=0)
         prose = prose_set(prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, cfg.prose_examples,
                           cfg.prose_needles, cfg.prose_seed, chunks.dir, log=say, batch=cfg.prose_batch)
         eval_prose = prose_set(eval_prose_pool, teacher, rt.tokenizer, rt.stop_ids, end_id, EVAL_PROSE,

@@ -19,7 +19,7 @@ from ctxtree.detok import TextStream
 from ctxtree.prompt import question_prompt, question_tokens
 from ctxtree.runtime import Runtime, cache_dir, load_runtime
 from ctxtree.store import Corrupt, TreeStore
-from ctxtree.kernels.engines import ENGINES, make_engine
+from ctxtree.kernels.engines import check_engine, make_engine
 from ctxtree.kernels.vllm_engine import VllmConfig
 from ctxtree.kernels.generate import SamplingConfig
 from ctxtree.kernels.tree import POLICIES, TreeConfig
@@ -52,8 +52,7 @@ class ServiceConfig:
                      "max_context_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine {self.engine!r} unknown; expected one of {ENGINES}")
+        check_engine(self.engine)
 
 
 @dataclass
@@ -82,12 +81,12 @@ class DecoderService:
                                           top_chunks=config.top_chunks, device=config.device)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
-        decode = make_engine(config.engine, self.rt.decoder, self.rt.ckpt_dir, cache_dir(), VllmConfig(
+        # this service makes the decode engine, so it closes it
+        self.decode = make_engine(config.engine, self.rt.decoder, self.rt.ckpt_dir, cache_dir(), VllmConfig(
             max_context_positions=config.max_context_positions, max_prompt_tokens=config.max_question_tokens,
             max_new_tokens=config.max_answer_tokens, max_batch=config.max_batch))
-        self.decode = decode  # this service made it, so it closes it
         self.engine = BatchingEngine(self.rt.decoder, self.rt.stop_ids, config.max_batch, config.batch_wait_ms,
-                                     decode)
+                                     self.decode)
 
     @property
     def model_name(self) -> str:
