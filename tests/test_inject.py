@@ -152,3 +152,24 @@ def test_copy_head_adapter_round_trip(tiny_model, tmp_path):
     meta.write_text(meta.read_text().replace('"copy_head": true', '"copy_head": false'))
     with pytest.raises(AdapterError, match="copy_head"):
         load_adapter(tiny_model, tmp_path / "ad", "digest-a")
+
+
+def test_extending_an_adapter_keeps_what_it_computes_until_new_layers_learn(tiny_model, tmp_path):
+    from ctxtree.kernels.inject import extend_injection
+
+    one = InjectionDecoder(tiny_model, 1)
+    with torch.no_grad():
+        one.cross_attn[0].o_proj.weight.normal_(std=0.2)
+    deeper = extend_injection(one.eval(), 2)
+    assert deeper.n_layers == 2 and not deeper.training
+    trees = make_trees(tiny_model, [100, 45])
+    ctx = batch_context([request(deeper, trees)])
+    ids, pos = torch.randint(3, 97, (1, 20)), torch.arange(20)[None]
+    assert torch.equal(deeper(ids, pos, context=ctx), one(ids, pos, context=ctx))
+    with torch.no_grad():  # the new layer reads the context once it has learnt anything
+        deeper.cross_attn[1].o_proj.weight.normal_(std=0.2)
+    assert (deeper(ids, pos, context=ctx) - one(ids, pos, context=ctx)).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="cannot extend"):
+        extend_injection(deeper, 1)
+    with pytest.raises(ValueError, match="copy head"):
+        extend_injection(InjectionDecoder(tiny_model, 1, copy_head=True), 2)

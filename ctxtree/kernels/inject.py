@@ -265,6 +265,22 @@ class InjectionDecoder(nn.Module):
         return RequestKV(k.to(self.base.dtype), v.to(self.base.dtype), torch.cat(tokens).to(device))
 
 
+def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecoder:
+    """The same adapter injecting into more layers: layers 0..decoder.n_layers-1 keep their
+    weights, the new ones start as the method initialises them (o_proj 0), so the result
+    computes exactly what `decoder` does until they learn (training a deeper adapter from a
+    shallower one's skills; docs/quality.md "Depth")."""
+    if n_layers < decoder.n_layers:
+        raise ValueError(f"cannot extend a {decoder.n_layers}-layer adapter to {n_layers} layers")
+    if decoder.copy_head is not None and n_layers != decoder.n_layers:
+        raise ValueError("a copy head's keys span every injection layer: an adapter with one cannot be extended")
+    deeper = InjectionDecoder(decoder.base, n_layers, decoder.cross_rope, decoder.top_chunks)
+    for old, new in zip(decoder.cross_attn, deeper.cross_attn):
+        new.load_state_dict(old.state_dict())
+    deeper.copy_head = decoder.copy_head
+    return deeper.train(decoder.training)
+
+
 def batch_context(per_request: list[RequestKV]) -> InjectedContext:
     """Pad each request's K/V [M,Hkv,S_b,Dh] to the longest S and stack along a batch axis."""
     s_max = max(r.keys.shape[2] for r in per_request)

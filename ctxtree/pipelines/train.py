@@ -192,7 +192,7 @@ def train_loop(config: dict) -> None:
     import torch.distributed as dist
 
     from ctxtree.runtime import NO_ADAPTER, cache_dir, load_runtime
-    from ctxtree.kernels.inject import InjectionDecoder, load_adapter
+    from ctxtree.kernels.inject import InjectionDecoder, extend_injection, load_adapter
     from ctxtree.pipelines.chunk_pool import ChunkCache, ChunkPool
     from ctxtree.pipelines.data import load_haystack, wide_prose_texts
     from ctxtree.pipelines.prose import prose_set, prose_tree
@@ -226,6 +226,9 @@ def train_loop(config: dict) -> None:
         decoder = load_adapter(rt.model, resume, rt.weights_digest)
     elif cfg.init_adapter:
         decoder = load_adapter(rt.model, Path(cfg.init_adapter), rt.weights_digest)
+        if decoder.n_layers > cfg.layers:
+            raise ValueError(f"--init-adapter injects into {decoder.n_layers} layers, more than --layers {cfg.layers}")
+        decoder = extend_injection(decoder, cfg.layers)  # a shallower start: new layers begin at o_proj 0
     decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
     if cfg.copy_head:
         decoder.add_copy_head()  # a fresh one where the starting weights have none
