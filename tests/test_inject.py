@@ -19,13 +19,16 @@ def make_trees(model, lengths, seed=0):
     return [build_tree(model, torch.randint(3, 97, (n,), generator=g), CFG) for n in lengths]
 
 
-def trained(model, seed=0, copy_head=False) -> InjectionDecoder:
+def trained(model, seed=0, copy_head=False, upper=False) -> InjectionDecoder:
     """A decoder with non-zero injection weights, as training would leave it."""
-    dec = InjectionDecoder(model, 2, copy_head=copy_head)
+    dec = InjectionDecoder(model, 2, copy_head=copy_head, upper_rank=4 if upper else 0)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in dec.cross_attn:
             block.o_proj.weight.copy_(torch.randn(block.o_proj.weight.shape, generator=g) * 0.2)
+        if upper:
+            for w in (dec.upper.q_up, dec.upper.v_up):
+                w.copy_(torch.randn(w.shape, generator=g) * 0.3)
         if copy_head:
             dec.copy_head.gate.bias.fill_(0.0)  # half the mass on the pointer
             dec.copy_head.gate.weight.copy_(torch.randn(dec.copy_head.gate.weight.shape, generator=g) * 0.1)
@@ -63,9 +66,10 @@ def test_trained_output_depends_on_the_injected_kv(tiny_model):
     assert (a - c).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("copy_head", [False, True])
-def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, copy_head):
-    dec = trained(tiny_model, copy_head=copy_head)
+@pytest.mark.parametrize("variant", ["cross-attention", "copy head", "upper adapters"])
+def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, variant):
+    copy_head = variant == "copy head"
+    dec = trained(tiny_model, copy_head=copy_head, upper=variant == "upper adapters")
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
     contexts = [request(dec, make_trees(tiny_model, [100, 45], seed=3)),
                 request(dec, make_trees(tiny_model, [20], seed=4), q_seed=1),
@@ -89,9 +93,9 @@ def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, copy_hea
             assert list(batched[row]) == alone
 
 
-@pytest.mark.parametrize("copy_head", [False, True])
-def test_padding_of_the_context_does_not_matter(tiny_model, copy_head):
-    dec = trained(tiny_model, copy_head=copy_head)
+@pytest.mark.parametrize("variant", ["cross-attention", "copy head", "upper adapters"])
+def test_padding_of_the_context_does_not_matter(tiny_model, variant):
+    dec = trained(tiny_model, copy_head=variant == "copy head", upper=variant == "upper adapters")
     kv = request(dec, make_trees(tiny_model, [60], seed=5))
     longer = request(dec, make_trees(tiny_model, [200], seed=6))
     ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]
@@ -173,3 +177,32 @@ def test_extending_an_adapter_keeps_what_it_computes_until_new_layers_learn(tiny
         extend_injection(deeper, 1)
     with pytest.raises(ValueError, match="copy head"):
         extend_injection(InjectionDecoder(tiny_model, 1, copy_head=True), 2)
+
+
+def test_upper_adapters_start_as_nothing_then_change_the_answer_and_round_trip(tiny_model, tmp_path):
+    plain = trained(tiny_model, seed=2)
+    with_upper = trained(tiny_model, seed=2)
+    with_upper.add_upper(4)
+    assert set(with_upper.adapter_state()) - set(plain.adapter_state()) == {
+        "upper.q_down", "upper.q_up", "upper.v_down", "upper.v_up"}
+    trees = make_trees(tiny_model, [100])
+    ctx = batch_context([request(plain, trees)])
+    ids, pos = torch.randint(3, 97, (1, 12)), torch.arange(12)[None]
+    assert torch.equal(with_upper(ids, pos, context=ctx), plain(ids, pos, context=ctx))  # zero at start
+    with torch.no_grad():
+        with_upper.upper.v_up.normal_(std=0.3)
+    assert (with_upper(ids, pos, context=ctx) - plain(ids, pos, context=ctx)).abs().max() > 1e-3
+    # their value deltas enter the KV cache: decoding step by step equals one full pass
+    from ctxtree.kernels.llama import KVCache
+    cache = KVCache.allocate(tiny_model.cfg, 1, 12, tiny_model.dtype)
+    with_upper(ids[:, :8], pos[:, :8], cache=cache, context=ctx)
+    stepped = with_upper(ids[:, 8:], pos[:, 8:], cache=cache, context=ctx)
+    torch.testing.assert_close(stepped, with_upper(ids, pos, context=ctx)[:, 8:], atol=1e-5, rtol=1e-5)
+    # only layers above the injection layers have them: the compressor's layers stay the base model's
+    assert with_upper.upper.first == 2 and with_upper.upper.q_up.shape[0] == tiny_model.cfg.num_hidden_layers - 2
+    save_adapter(with_upper, tmp_path / "ad", "digest-a")
+    back = load_adapter(tiny_model, tmp_path / "ad", "digest-a")
+    assert back.upper is not None and back.upper.rank == 4
+    assert torch.equal(back(ids, pos, context=ctx), with_upper(ids, pos, context=ctx))
+    with pytest.raises(ValueError, match="rank 4, not 8"):
+        back.add_upper(8)

@@ -348,3 +348,21 @@ def test_no_ray_trains_in_this_process_where_ray_is_not_installed(tiny_chat_mode
     two = subprocess.run([sys.executable, "-c", script, *args, "--workers", "2"], env=env(), cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert two.returncode == 2 and "one worker" in two.stderr
+
+
+def test_upper_layer_adapters_are_trained_saved_and_served(tiny_chat_model, tmp_path):
+    """`--upper-rank`: low-rank adapters above the injection layers learn with the rest and
+    travel in the adapter (docs/quality.md "Depth")."""
+    from safetensors.torch import load_file
+
+    out, pool = tmp_path / "run", tmp_path / "pool"
+    args = train_cmd(tiny_chat_model, out, pool, 6)[3:] + ["--no-ray", "--upper-rank", "4"]
+    res = subprocess.run([sys.executable, "-m", "ctxtree.pipelines.train", *args], env=env(), cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "adapter" / "adapter.json").read_text())["upper_rank"] == 4
+    weights = load_file(str(out / "adapter" / "adapter.safetensors"))
+    assert weights["upper.q_up"].abs().max() > 0 and weights["upper.v_up"].abs().max() > 0  # they learnt
+    bad = subprocess.run([sys.executable, "-m", "ctxtree.pipelines.train", *args[:-1], "-2"], env=env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "upper_rank must be >= 0" in bad.stderr

@@ -21,6 +21,14 @@ injection layers put what the document says into the residual stream, but a
 4-layer cross-attention cannot carry *which* of 49,152 tokens an unseen word is up to
 the LM head (a 2.7M-parameter adapter learnt digits, never words); a pointer emits the
 token it points at exactly.
+
+Upper-layer adapters (optional, `upper_rank` > 0; method.md §6 allows training the top
+layers): low-rank deltas on the query and value projections of layers M..N-1, which read
+nothing of the context themselves but learn to use what the injection layers wrote into
+the residual stream (docs/quality.md "Depth": untrained, bottom-layer injection derails
+the frozen upper layers). They start at zero (the decoder is then exactly what it was
+without them), and never touch layers 0..M-1, so the compressor, the trees and their
+fingerprint are those of the base model.
 """
 
 from __future__ import annotations
@@ -76,6 +84,32 @@ class CrossAttention(nn.Module):
         out = attend(q, keys, values, mask)  # [B,H,T,Dh]
         out = out * has_context[:, None, None, None].to(out.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class UpperAdapters(nn.Module):
+    """Low-rank deltas on q_proj and v_proj of layers first..N-1 (module docstring):
+    dq = (x A_q) B_q, dv = (x A_v) B_v, x the layer's normed input; B starts at zero."""
+
+    def __init__(self, base: Llama, first: int, rank: int):
+        super().__init__()
+        cfg = base.cfg
+        if rank < 1 or first >= cfg.num_hidden_layers:
+            raise ValueError(f"upper adapters need rank >= 1 and a layer above the injection layers "
+                             f"(rank {rank}, first layer {first} of {cfg.num_hidden_layers})")
+        n, d = cfg.num_hidden_layers - first, cfg.hidden_size
+        self.first, self.rank = first, rank
+        self.q_down = nn.Parameter(torch.randn(n, d, rank) / math.sqrt(d))
+        self.q_up = nn.Parameter(torch.zeros(n, rank, cfg.num_attention_heads * cfg.head_dim))
+        self.v_down = nn.Parameter(torch.randn(n, d, rank) / math.sqrt(d))
+        self.v_up = nn.Parameter(torch.zeros(n, rank, cfg.num_key_value_heads * cfg.head_dim))
+        self.to(device=base.device, dtype=base.dtype)
+
+    def forward(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        """x [B,T,D] (layer's normed input) -> (dq [B,T,H*Dh], dv [B,T,Hkv*Dh]), None below `first`."""
+        if layer < self.first:
+            return None
+        j = layer - self.first
+        return (x @ self.q_down[j]) @ self.q_up[j], (x @ self.v_down[j]) @ self.v_up[j]
 
 
 COPY_RANK = 128        # query/key width of the copy head's pointer
@@ -164,7 +198,7 @@ class CopyHead(nn.Module):
 
 class InjectionDecoder(nn.Module):
     def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk", top_chunks: int = 0,
-                 copy_head: bool = False):
+                 copy_head: bool = False, upper_rank: int = 0):
         super().__init__()
         if not 1 <= n_layers <= base.cfg.num_hidden_layers:
             raise ValueError(f"n_layers (M) must be in 1..{base.cfg.num_hidden_layers}, got {n_layers}")
@@ -180,12 +214,15 @@ class InjectionDecoder(nn.Module):
         self.top_chunks = top_chunks
         self.cross_attn = nn.ModuleList(CrossAttention(base, i) for i in range(n_layers))
         self.copy_head = CopyHead(base, n_layers) if copy_head else None
+        self.upper = UpperAdapters(base, n_layers, upper_rank) if upper_rank else None
 
     def adapter_modules(self) -> dict[str, nn.Module]:
         """The trained modules, by the name their weights carry in adapter.safetensors."""
         mods: dict[str, nn.Module] = {"cross_attn": self.cross_attn}
         if self.copy_head is not None:
             mods["copy_head"] = self.copy_head
+        if self.upper is not None:
+            mods["upper"] = self.upper
         return mods
 
     def adapter_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -199,6 +236,13 @@ class InjectionDecoder(nn.Module):
         if self.copy_head is None:
             self.copy_head = CopyHead(self.base, self.n_layers)
 
+    def add_upper(self, rank: int) -> None:
+        """Give an adapter trained without them fresh upper-layer adapters (training)."""
+        if self.upper is None:
+            self.upper = UpperAdapters(self.base, self.n_layers, rank)
+        elif self.upper.rank != rank:
+            raise ValueError(f"the adapter's upper layers have rank {self.upper.rank}, not {rank}")
+
     def hidden_states(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None,
                       cache: KVCache | None, context: InjectedContext) -> Tensor:
         """h [B,T,D] before the final norm, the context injected in layers 0..M-1."""
@@ -210,7 +254,20 @@ class InjectionDecoder(nn.Module):
                 return h
             return h + self.cross_attn[i](h, context.keys[i], context.values[i], context.valid)
 
-        return self.base.hidden_states(input_ids, positions, token_valid, cache, layer_hook=inject)
+        upper = None
+        if self.upper is not None:
+            # a request without context is answered by the base model, as without upper adapters
+            has_context = context.valid.any(dim=1)[:, None, None]  # [B,1,1]
+
+            def upper(i: int, x: Tensor) -> tuple[Tensor, Tensor] | None:
+                delta = self.upper(i, x)
+                if delta is None:
+                    return None
+                on = has_context.to(x.dtype)
+                return delta[0] * on, delta[1] * on
+
+        return self.base.hidden_states(input_ids, positions, token_valid, cache, layer_hook=inject,
+                                       attn_delta=upper)
 
     def logits(self, h: Tensor, context: InjectedContext) -> Tensor:
         """h [B,T,D] (hidden_states, any subset of positions per row) -> [B,T,V] fp32: the LM
@@ -274,10 +331,13 @@ def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecod
         raise ValueError(f"cannot extend a {decoder.n_layers}-layer adapter to {n_layers} layers")
     if decoder.copy_head is not None and n_layers != decoder.n_layers:
         raise ValueError("a copy head's keys span every injection layer: an adapter with one cannot be extended")
+    if decoder.upper is not None and n_layers != decoder.n_layers:
+        raise ValueError("upper-layer adapters start above the injection layers: an adapter with them "
+                         "cannot be extended")
     deeper = InjectionDecoder(decoder.base, n_layers, decoder.cross_rope, decoder.top_chunks)
     for old, new in zip(decoder.cross_attn, deeper.cross_attn):
         new.load_state_dict(old.state_dict())
-    deeper.copy_head = decoder.copy_head
+    deeper.copy_head, deeper.upper = decoder.copy_head, decoder.upper
     return deeper.train(decoder.training)
 
 
@@ -309,7 +369,9 @@ def save_adapter(decoder: InjectionDecoder, out_dir: Path, base_digest: str, ext
     state = {k: v.detach().contiguous() for k, v in decoder.adapter_state().items()}
     save_file(state, str(out_dir / ADAPTER_WEIGHTS))
     meta = {"n_layers": decoder.n_layers, "cross_rope": decoder.cross_rope, "top_chunks": decoder.top_chunks,
-            "copy_head": decoder.copy_head is not None, "base_weights_digest": base_digest, **(extra or {})}
+            "copy_head": decoder.copy_head is not None,
+            "upper_rank": 0 if decoder.upper is None else decoder.upper.rank,
+            "base_weights_digest": base_digest, **(extra or {})}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -327,7 +389,8 @@ def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
                            f"but the loaded model is {base_digest!r}")
     decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"),
                                int(meta.get("top_chunks", 0)) if top_chunks is None else top_chunks,
-                               copy_head=bool(meta.get("copy_head", False)))
+                               copy_head=bool(meta.get("copy_head", False)),
+                               upper_rank=int(meta.get("upper_rank", 0)))
     state = load_file(str(weights_path))
     modules = decoder.adapter_modules()
     unknown = sorted({k.split(".", 1)[0] for k in state} - set(modules))

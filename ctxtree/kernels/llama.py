@@ -24,6 +24,10 @@ from ctxtree.kernels.config import LlamaConfig
 # Called between self-attention and the MLP of layer i: (i, h [B,T,D]) -> h.
 # This is where the injection decoder adds its cross-attention.
 LayerHook = Callable[[int, Tensor], Tensor]
+# Called in the self-attention of layer i with its normed input x [B,T,D]: None, or deltas
+# (dq [B,T,H*Dh], dv [B,T,Hkv*Dh]) added to the query and value projections (low-rank
+# adapters of the injection decoder's upper layers).
+AttentionDelta = Callable[[int, Tensor], "tuple[Tensor, Tensor] | None"]
 
 
 class RMSNorm(nn.Module):
@@ -123,24 +127,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B,T,D] (already normed) -> k (rotated), v: [B,Hkv,T,Dh]."""
+    def project_kv(self, x: Tensor, cos: Tensor, sin: Tensor, dv: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [B,T,D] (already normed) -> k (rotated), v: [B,Hkv,T,Dh]; dv [B,T,Hkv*Dh] is added to v."""
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(k, cos, sin), v
+        v = self.v_proj(x) if dv is None else self.v_proj(x) + dv
+        return apply_rope(k, cos, sin), v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
 
-    def project_q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x [B,T,D] -> q (rotated) [B,H,T,Dh]."""
+    def project_q(self, x: Tensor, cos: Tensor, sin: Tensor, dq: Tensor | None = None) -> Tensor:
+        """x [B,T,D] -> q (rotated) [B,H,T,Dh]; dq [B,T,H*Dh] is added before the rotation."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin)
+        q = self.q_proj(x) if dq is None else self.q_proj(x) + dq
+        return apply_rope(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None, layer: int) -> Tensor:
+                cache: KVCache | None, layer: int, delta: tuple[Tensor, Tensor] | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.project_q(x, cos, sin)
-        k, v = self.project_kv(x, cos, sin)
+        dq, dv = delta if delta is not None else (None, None)
+        q = self.project_q(x, cos, sin, dq)
+        k, v = self.project_kv(x, cos, sin, dv)
         if cache is not None:
             start = cache.length
             cache.keys[layer][:, :, start:start + t] = k
@@ -196,7 +201,7 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None = None,
                       cache: KVCache | None = None, layer_hook: LayerHook | None = None,
-                      n_layers: int | None = None) -> Tensor:
+                      n_layers: int | None = None, attn_delta: AttentionDelta | None = None) -> Tensor:
         """Run the stack; returns h [B,T,D] before the final norm.
 
         input_ids, positions: [B,T]; token_valid [B,T] bool (False on left padding).
@@ -208,7 +213,8 @@ class Llama(nn.Module):
         mask = self._mask(b, t, token_valid, cache, input_ids.device)
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers[:n_layers]):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos, sin, mask, cache, i)
+            x = layer.input_layernorm(h)
+            h = h + layer.self_attn(x, cos, sin, mask, cache, i, None if attn_delta is None else attn_delta(i, x))
             if layer_hook is not None:
                 h = layer_hook(i, h)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -86,6 +86,8 @@ def _adapter_weights(decoder: InjectionDecoder) -> dict[str, torch.Tensor]:
     if decoder.copy_head is not None:
         raise ValueError("the vLLM engine does not run adapters with a copy head (its pointer mixes into "
                          "the output distribution per request); use the torch engine")
+    if decoder.upper is not None:
+        raise ValueError("the vLLM engine does not run adapters with upper-layer adapters; use the torch engine")
     out = {}
     for i, block in enumerate(decoder.cross_attn):
         prefix = f"model.layers.{i}.cross_attn"

@@ -76,6 +76,7 @@ class TrainConfig:
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
     top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
     copy_head: bool = False               # train a copy head (a pointer over the injected tokens; kernels/inject.py)
+    upper_rank: int = 0                   # low-rank adapters on q/v of layers M..N-1 (kernels/inject.py); 0 = none
     train_cross_attn: bool = True         # False: only the copy head learns (the cross-attention keeps its weights)
     prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
@@ -116,8 +117,10 @@ class TrainConfig:
             raise ValueError(f"top_chunks must be >= 0 (0: every chunk), got {self.top_chunks}")
         if not 0 <= self.prose_fraction < 1 or self.prose_examples < 1 or not 0 <= self.prose_needles <= 1:
             raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
-        if not self.train_cross_attn and not self.copy_head:
-            raise ValueError("nothing to train: --no-train-cross-attn needs --copy-head")
+        if not self.train_cross_attn and not self.copy_head and not self.upper_rank:
+            raise ValueError("nothing to train: --no-train-cross-attn needs --copy-head or --upper-rank")
+        if self.upper_rank < 0:
+            raise ValueError(f"upper_rank must be >= 0 (0: no upper-layer adapters), got {self.upper_rank}")
         if self.haystack_chunks < 0:
             raise ValueError(f"haystack_chunks must be >= 0 (0: all), got {self.haystack_chunks}")
         check_value_kinds(tuple(self.value_kinds))
@@ -232,6 +235,8 @@ def train_loop(config: dict) -> None:
     decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
     if cfg.copy_head:
         decoder.add_copy_head()  # a fresh one where the starting weights have none
+    if cfg.upper_rank:
+        decoder.add_upper(cfg.upper_rank)  # fresh (zero) ones where the starting weights have none
     decoder.train()
     for p in rt.model.parameters():
         p.requires_grad_(False)
