@@ -28,7 +28,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
     t = time.perf_counter()
     rt = load_runtime(Path(args.model) if args.model else None, tree_config(args),
-                      Path(args.adapter) if args.adapter else None, args.cross_rope, args.top_chunks, args.device)
+                      Path(args.adapter) if args.adapter else None, args.cross_rope, args.top_chunks, args.device,
+                      args.reading_from)
     print(f"model {rt.ckpt_dir.name} loaded in {time.perf_counter() - t:.1f} s; fingerprint {rt.fingerprint[:16]}",
           file=sys.stderr)
     trees = []

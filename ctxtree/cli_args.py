@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ctxtree.kernels.codec import CODECS
+from ctxtree.kernels.inject import READ_AS_TRAINED
 from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig
 
 
@@ -16,6 +17,10 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     if adapter:
         p.add_argument("--adapter", default=None, help="injection weights directory; default: the shipped adapter for the model, "
                        "'none': the zero-initialised decoder (the base model)")
+        p.add_argument("--reading-from", type=reading_layer, default=READ_AS_TRAINED, metavar="J|none",
+                       help="reading layers: the chunks search keeps, re-encoded by the whole model, join the "
+                            "self-attention of layers J..N-1 (docs/quality.md 'Reading layers'); 'none': off "
+                            "(default: as the adapter was trained)")
         p.add_argument("--top-chunks", type=int, default=None,
                        help="chunks injected per question, the best matches, at least one per document "
                             "(default: as the adapter was trained; 0: every chunk)")
@@ -32,6 +37,18 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N for the model (default: the GPU if this process has one, "
                         "i.e. one Ray gave it, else cpu)")
+
+
+def reading_layer(text: str) -> int | None | str:
+    """--reading-from's value: a layer number, 'none', or 'as-trained' (the adapter's setting)."""
+    if text == "none":
+        return None
+    if text == READ_AS_TRAINED:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer number, 'none' or 'as-trained', got {text!r}") from None
 
 
 def tree_config(args: argparse.Namespace) -> TreeConfig:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ctxtree.kernels.fingerprint import model_fingerprint
-from ctxtree.kernels.inject import InjectionDecoder, load_adapter
+from ctxtree.kernels.inject import READ_AS_TRAINED, InjectionDecoder, load_adapter
 from ctxtree.kernels.llama import Llama
 from ctxtree.kernels.tree import COMPUTE_DTYPES, TreeConfig
 from ctxtree.kernels.weights import (load_llama, load_tokenizer, prepare_checkpoint, read_checkpoint,
@@ -27,6 +27,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Injection weights shipped with the package, used when no adapter is named and they were
 # trained for the loaded base model (docs/training.md says how they were made).
 SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "adapters"
+READING_TOP_CHUNKS = 2  # chunks read per question when reading layers are on and nothing else says
 NO_ADAPTER = "none"  # --adapter none: the zero-initialised decoder (exactly the base model)
 
 
@@ -114,11 +115,15 @@ def fingerprint_of(model_path: Path | None = None, tree_config: TreeConfig | Non
 
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
                  adapter: Path | str | None = None, cross_rope: str | None = None,
-                 top_chunks: int | None = None, device: str | torch.device | None = None) -> Runtime:
+                 top_chunks: int | None = None, device: str | torch.device | None = None,
+                 reading_from: int | None | str = READ_AS_TRAINED) -> Runtime:
     """adapter: a directory of injection weights; None: the shipped adapter for this base
     model if there is one (and it fits the tree's layers), else zero-initialised; "none":
     zero-initialised. cross_rope, top_chunks: override the adapter's (None: as trained;
-    the zero-initialised decoder keeps every chunk). device: where the model and the
+    the zero-initialised decoder keeps every chunk). reading_from: the first reading layer
+    (kernels/reading.py), None: none; as the adapter was trained by default. Reading layers
+    read every injected chunk at full depth, so they need a bound on the chunks: without one
+    (top_chunks None and an adapter trained on every chunk) READING_TOP_CHUNKS. device: where the model and the
     injection weights live (resolve_device; None: the GPU if this process has one). The
     compute dtype is the tree config's (part of the fingerprint): on GPU clusters use
     bfloat16 for both the compress job and the endpoint."""
@@ -137,12 +142,18 @@ def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None 
         adapter = None
     if adapter is not None:
         adapter = Path(adapter)
-        decoder = load_adapter(model, adapter, digest, cross_rope, top_chunks)
+        decoder = load_adapter(model, adapter, digest, cross_rope, top_chunks, reading_from)
         if decoder.n_layers > tree_config.n_layers:
             raise ValueError(f"adapter injects into {decoder.n_layers} layers but trees keep only "
                              f"{tree_config.n_layers} (tree n_layers)")
     else:
-        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk", top_chunks or 0).eval()
+        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk", top_chunks or 0,
+                                   reading_from=None if reading_from == READ_AS_TRAINED else reading_from).eval()
+    if decoder.reading_from is not None and decoder.top_chunks == 0:
+        if top_chunks == 0:
+            raise ValueError("reading layers read the injected chunks at full depth: they need top_chunks >= 1 "
+                             "(every chunk of a long document would cost its whole prefill)")
+        decoder.top_chunks = READING_TOP_CHUNKS
     stops = set(model.cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)

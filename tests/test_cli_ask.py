@@ -48,6 +48,23 @@ def test_ask_answers_about_a_real_document(smollm_dir):
         assert f"GPL-3.txt: ... {injected - 8} more chunks" in res.stdout
 
 
+def test_ask_with_reading_layers_answers_in_words(smollm_dir):
+    # reading layers without trained weights (docs/quality.md "Reading layers"): the two
+    # chunks search keeps, read at full depth, and the base model answers from them
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "Who may copy and distribute this license?",
+                  "--adapter", "none", "--reading-from", "0", "--max-tokens", "32")
+    assert res.returncode == 0, res.stderr
+    answer = answer_of(res.stdout)
+    assert len(re.findall(r"[A-Za-z]{3,}", answer)) >= 5, answer
+    assert "licen" in answer.lower() or "copy" in answer.lower(), answer
+    assert "2 of" not in res.stdout and "(top chunks: 2)" in res.stdout  # the default bound on read chunks
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "x", "--adapter", "none", "--reading-from", "0",
+                  "--top-chunks", "0")
+    assert res.returncode == 2 and "need top_chunks >= 1" in res.stderr
+    res = ctxtree("ask", "--doc", str(SAMPLE), "--question", "x", "--reading-from", "top")
+    assert res.returncode == 2 and "expected a layer number, 'none' or 'as-trained'" in res.stderr
+
+
 def test_ask_reports_bad_input_clearly(tmp_path):
     missing = ctxtree("ask", "--doc", str(tmp_path / "nope.txt"), "--question", "x")
     assert missing.returncode == 2 and "cannot read" in missing.stderr

@@ -19,9 +19,10 @@ def make_trees(model, lengths, seed=0):
     return [build_tree(model, torch.randint(3, 97, (n,), generator=g), CFG) for n in lengths]
 
 
-def trained(model, seed=0, copy_head=False, upper=False) -> InjectionDecoder:
+def trained(model, seed=0, copy_head=False, upper=False, reading=False) -> InjectionDecoder:
     """A decoder with non-zero injection weights, as training would leave it."""
-    dec = InjectionDecoder(model, 2, copy_head=copy_head, upper_rank=4 if upper else 0)
+    dec = InjectionDecoder(model, 2, copy_head=copy_head, upper_rank=4 if upper else 0,
+                           reading_from=1 if reading else None)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for block in dec.cross_attn:
@@ -66,10 +67,14 @@ def test_trained_output_depends_on_the_injected_kv(tiny_model):
     assert (a - c).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("variant", ["cross-attention", "copy head", "upper adapters"])
+VARIANTS = ["cross-attention", "copy head", "upper adapters", "reading layers"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, variant):
     copy_head = variant == "copy head"
-    dec = trained(tiny_model, copy_head=copy_head, upper=variant == "upper adapters")
+    dec = trained(tiny_model, copy_head=copy_head, upper=variant == "upper adapters",
+                  reading=variant == "reading layers")
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15], [16, 17, 18, 19, 20]]
     contexts = [request(dec, make_trees(tiny_model, [100, 45], seed=3)),
                 request(dec, make_trees(tiny_model, [20], seed=4), q_seed=1),
@@ -93,15 +98,18 @@ def test_batch_of_mixed_requests_equals_requests_one_by_one(tiny_model, variant)
             assert list(batched[row]) == alone
 
 
-@pytest.mark.parametrize("variant", ["cross-attention", "copy head", "upper adapters"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_padding_of_the_context_does_not_matter(tiny_model, variant):
-    dec = trained(tiny_model, copy_head=variant == "copy head", upper=variant == "upper adapters")
+    dec = trained(tiny_model, copy_head=variant == "copy head", upper=variant == "upper adapters",
+                  reading=variant == "reading layers")
     kv = request(dec, make_trees(tiny_model, [60], seed=5))
     longer = request(dec, make_trees(tiny_model, [200], seed=6))
     ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]
     alone = dec(ids, pos, context=batch_context([kv]))
     padded = dec(ids.repeat(2, 1), pos.repeat(2, 1), context=batch_context([kv, longer]))
     assert kv.keys.shape[2] < longer.keys.shape[2]
+    if variant == "reading layers":
+        assert kv.reading_keys.shape[2] < longer.reading_keys.shape[2]
     torch.testing.assert_close(padded[0], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -206,3 +214,44 @@ def test_upper_adapters_start_as_nothing_then_change_the_answer_and_round_trip(t
     assert torch.equal(back(ids, pos, context=ctx), with_upper(ids, pos, context=ctx))
     with pytest.raises(ValueError, match="rank 4, not 8"):
         back.add_upper(8)
+
+
+def test_reading_layers_see_the_selected_nodes_where_the_text_would_be(tiny_model, tmp_path):
+    """A node that starts its chunk is encoded alone exactly as the text's first tokens are:
+    its reading K/V must be the base model's own K/V of the text, at positions -S.. (S: the
+    injected tokens), in every reading layer; and decoding step by step through the KV cache
+    equals one full pass."""
+    from ctxtree.kernels.llama import KVCache, apply_rope, rope_cos_sin
+    from ctxtree.kernels.reading import reading_kv
+
+    tokens = torch.randint(3, 97, (32,), generator=torch.Generator().manual_seed(7))
+    tree = build_tree(tiny_model, tokens, CFG)  # one chunk of 32: nodes 1-2 (16), 3-6 (8), 7-14 (4)
+    selected = torch.tensor([[2, 4, 7, 8]])  # always left: right siblings 2 and 4, then leaves 7 and 8
+    keys, values = reading_kv(tiny_model, [tree], [selected], first=1)
+    n = tiny_model.cfg.num_hidden_layers
+    assert keys.shape == (n - 1, 2, 16, 16)  # layers 1..3; 4 kept positions per node
+    cache = KVCache.allocate(tiny_model.cfg, 1, 32, tiny_model.dtype)
+    tiny_model(tokens[None], torch.arange(32)[None], cache=cache)
+    cos, sin = rope_cos_sin(tiny_model.inv_freq, torch.full((1, 4), -32), torch.float32)
+    for layer in range(1, n):
+        text_k = apply_rope(cache.keys[layer][:, :, :4], cos, sin)[0]  # the text's tokens 0..3, moved by -32
+        torch.testing.assert_close(keys[layer - 1][:, 8:12], text_k, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values[layer - 1][:, 8:12], cache.values[layer][0, :, :4])
+    # a reading decoder with an untrained cross-attention: the context changes the answer
+    dec = InjectionDecoder(tiny_model, 2, reading_from=1).eval()
+    ctx = batch_context([dec.request_kv([tree], [selected])])
+    ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]
+    full = dec(ids, pos, context=ctx)
+    assert (full - tiny_model(ids, pos)).abs().max() > 1e-3
+    cache = KVCache.allocate(tiny_model.cfg, 1, 10, tiny_model.dtype)
+    dec(ids[:, :6], pos[:, :6], cache=cache, context=ctx)
+    torch.testing.assert_close(dec(ids[:, 6:], pos[:, 6:], cache=cache, context=ctx), full[:, 6:],
+                               atol=1e-5, rtol=1e-5)
+    # the setting is saved with the adapter and can be overridden on load
+    save_adapter(dec, tmp_path / "ad", "digest-r")
+    assert load_adapter(tiny_model, tmp_path / "ad", "digest-r").reading_from == 1
+    assert load_adapter(tiny_model, tmp_path / "ad", "digest-r", reading_from=None).reading_from is None
+    with pytest.raises(ValueError, match="first reading layer"):
+        InjectionDecoder(tiny_model, 2, reading_from=n)
+    with pytest.raises(ValueError, match="no reading K/V"):
+        dec(ids, pos, context=batch_context([InjectionDecoder(tiny_model, 2).request_kv([tree], [selected])]))

@@ -71,6 +71,8 @@ def test_model_dir_is_made_once_and_names_the_injection_fields(tiny_ckpt_no_bias
         prepare_model_dir(ckpt, InjectionDecoder(model, 2, copy_head=True), 128, tmp_path / "cache")
     with pytest.raises(ValueError, match="upper-layer adapters"):
         prepare_model_dir(ckpt, InjectionDecoder(model, 2, upper_rank=4), 128, tmp_path / "cache")
+    with pytest.raises(ValueError, match="reading layers"):
+        prepare_model_dir(ckpt, InjectionDecoder(model, 2, reading_from=1), 128, tmp_path / "cache")
 
 
 # ---- steps() against a scripted engine ---------------------------------------------------

@@ -29,6 +29,12 @@ the residual stream (docs/quality.md "Depth": untrained, bottom-layer injection 
 the frozen upper layers). They start at zero (the decoder is then exactly what it was
 without them), and never touch layers 0..M-1, so the compressor, the trees and their
 fingerprint are those of the base model.
+
+Reading layers (optional, `reading_from` = J, a deviation from the method; kernels/reading.py,
+docs/quality.md "Reading layers"): the selected nodes, re-encoded by the whole base model
+from the tokens the trees store, join the self-attention of layers J..N-1 in one softmax with
+the question's own keys, as a prompt prefix would. No parameters: with an untrained
+cross-attention the decoder then reads the chunks the search selects.
 """
 
 from __future__ import annotations
@@ -43,9 +49,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ctxtree.kernels.llama import KVCache, Llama, RMSNorm, apply_rope, attend, rope_cos_sin
+from ctxtree.kernels.reading import reading_kv
 from ctxtree.kernels.tree import ContextTree, gather_nodes
 
 CROSS_ROPE = ("chunk", "none")
+READ_AS_TRAINED = "as-trained"  # load_adapter's reading_from: the adapter's own setting
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
 
@@ -119,10 +127,13 @@ COPY_GATE_INIT = -2.0  # gate bias at initialisation: the copy head starts with 
 @dataclass
 class RequestKV:
     """The injected positions of one request: keys/values [M, Hkv, S, Dh] (chunk RoPE folded
-    into the keys), token_ids [S] (the document token at each position)."""
+    into the keys), token_ids [S] (the document token at each position); with reading layers
+    reading_keys/reading_values [N-J, Hkv, P, Dh] (kernels/reading.py)."""
     keys: Tensor
     values: Tensor
     token_ids: Tensor
+    reading_keys: Tensor | None = None
+    reading_values: Tensor | None = None
 
 
 @dataclass
@@ -130,12 +141,16 @@ class InjectedContext:
     """The K/V injected into a batch: keys/values [M, B, Hkv, S, Dh] (chunk RoPE folded in),
     valid [B, S] (False on padding, for requests with less context than the longest),
     token_ids [B, S] (0 on padding). copy_keys [B, S, r]: the copy head's keys, computed
-    once per request on first use (they depend only on the values)."""
+    once per request on first use (they depend only on the values). With reading layers:
+    reading_keys/reading_values [N-J, B, Hkv, P, Dh], reading_valid [B, P]."""
     keys: Tensor
     values: Tensor
     valid: Tensor
     token_ids: Tensor
     copy_keys: Tensor | None = None
+    reading_keys: Tensor | None = None
+    reading_values: Tensor | None = None
+    reading_valid: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -198,7 +213,7 @@ class CopyHead(nn.Module):
 
 class InjectionDecoder(nn.Module):
     def __init__(self, base: Llama, n_layers: int, cross_rope: str = "chunk", top_chunks: int = 0,
-                 copy_head: bool = False, upper_rank: int = 0):
+                 copy_head: bool = False, upper_rank: int = 0, reading_from: int | None = None):
         super().__init__()
         if not 1 <= n_layers <= base.cfg.num_hidden_layers:
             raise ValueError(f"n_layers (M) must be in 1..{base.cfg.num_hidden_layers}, got {n_layers}")
@@ -215,6 +230,15 @@ class InjectionDecoder(nn.Module):
         self.cross_attn = nn.ModuleList(CrossAttention(base, i) for i in range(n_layers))
         self.copy_head = CopyHead(base, n_layers) if copy_head else None
         self.upper = UpperAdapters(base, n_layers, upper_rank) if upper_rank else None
+        self.reading_from: int | None = None
+        self.set_reading(reading_from)
+
+    def set_reading(self, first: int | None) -> None:
+        """Reading layers first..N-1 (kernels/reading.py), or None: none (the method)."""
+        n = self.base.cfg.num_hidden_layers
+        if first is not None and not 0 <= first < n:
+            raise ValueError(f"the first reading layer must be in 0..{n - 1} (or none), got {first}")
+        self.reading_from = first
 
     def adapter_modules(self) -> dict[str, nn.Module]:
         """The trained modules, by the name their weights carry in adapter.safetensors."""
@@ -266,8 +290,19 @@ class InjectionDecoder(nn.Module):
                 on = has_context.to(x.dtype)
                 return delta[0] * on, delta[1] * on
 
+        prefix = None
+        if self.reading_from is not None:
+            if context.reading_keys is None:
+                raise ValueError("this decoder has reading layers but the context has no reading K/V "
+                                 "(build it with this decoder's request_kv)")
+            first = self.reading_from
+            rk, rv, r_valid = context.reading_keys, context.reading_values, context.reading_valid
+
+            def prefix(i: int) -> tuple[Tensor, Tensor, Tensor] | None:
+                return (rk[i - first], rv[i - first], r_valid) if i >= first else None
+
         return self.base.hidden_states(input_ids, positions, token_valid, cache, layer_hook=inject,
-                                       attn_delta=upper)
+                                       attn_delta=upper, attn_prefix=prefix)
 
     def logits(self, h: Tensor, context: InjectedContext) -> Tensor:
         """h [B,T,D] (hidden_states, any subset of positions per row) -> [B,T,V] fp32: the LM
@@ -297,7 +332,9 @@ class InjectionDecoder(nn.Module):
             cfg = self.base.cfg
             empty = torch.zeros(self.n_layers, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=self.base.dtype,
                                 device=device)
-            return RequestKV(empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device))
+            reading = None if self.reading_from is None else reading_kv(self.base, [], [], self.reading_from)
+            return RequestKV(empty, empty.clone(), torch.zeros(0, dtype=torch.long, device=device),
+                             *(reading or (None, None)))
         keys, values, chunks, tokens, offset = [], [], [], [], 0
         for tree, selected in zip(trees, selections):
             if tree.config.n_layers < self.n_layers:
@@ -319,7 +356,9 @@ class InjectionDecoder(nn.Module):
             rel = (torch.searchsorted(injected, chunk_ids) - injected.numel())[None].to(device)  # [1,S]
             cos, sin = rope_cos_sin(self.base.inv_freq, rel, torch.float32)  # fp32 angles even for bf16 models
             k = apply_rope(k, cos, sin)
-        return RequestKV(k.to(self.base.dtype), v.to(self.base.dtype), torch.cat(tokens).to(device))
+        reading = None if self.reading_from is None else reading_kv(self.base, trees, selections, self.reading_from)
+        return RequestKV(k.to(self.base.dtype), v.to(self.base.dtype), torch.cat(tokens).to(device),
+                         *(reading or (None, None)))
 
 
 def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecoder:
@@ -334,7 +373,8 @@ def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecod
     if decoder.upper is not None and n_layers != decoder.n_layers:
         raise ValueError("upper-layer adapters start above the injection layers: an adapter with them "
                          "cannot be extended")
-    deeper = InjectionDecoder(decoder.base, n_layers, decoder.cross_rope, decoder.top_chunks)
+    deeper = InjectionDecoder(decoder.base, n_layers, decoder.cross_rope, decoder.top_chunks,
+                              reading_from=decoder.reading_from)
     for old, new in zip(decoder.cross_attn, deeper.cross_attn):
         new.load_state_dict(old.state_dict())
     deeper.copy_head, deeper.upper = decoder.copy_head, decoder.upper
@@ -357,7 +397,21 @@ def batch_context(per_request: list[RequestKV]) -> InjectedContext:
         values[:, row, :, :s] = r.values
         valid[row, :s] = True
         token_ids[row, :s] = r.token_ids
-    return InjectedContext(keys=keys, values=values, valid=valid, token_ids=token_ids)
+    context = InjectedContext(keys=keys, values=values, valid=valid, token_ids=token_ids)
+    if per_request[0].reading_keys is not None:
+        if any(r.reading_keys is None for r in per_request):
+            raise ValueError("requests of one batch must all have reading K/V or none")
+        p_max = max(r.reading_keys.shape[2] for r in per_request)
+        n_read = per_request[0].reading_keys.shape[0]
+        context.reading_keys = torch.zeros(n_read, b, hkv, p_max, dh, dtype=dtype, device=device)
+        context.reading_values = torch.zeros(n_read, b, hkv, p_max, dh, dtype=dtype, device=device)
+        context.reading_valid = torch.zeros(b, p_max, dtype=torch.bool, device=device)
+        for row, r in enumerate(per_request):
+            p = r.reading_keys.shape[2]
+            context.reading_keys[:, row, :, :p] = r.reading_keys
+            context.reading_values[:, row, :, :p] = r.reading_values
+            context.reading_valid[row, :p] = True
+    return context
 
 
 # ---- adapter files --------------------------------------------------------------------
@@ -371,14 +425,16 @@ def save_adapter(decoder: InjectionDecoder, out_dir: Path, base_digest: str, ext
     meta = {"n_layers": decoder.n_layers, "cross_rope": decoder.cross_rope, "top_chunks": decoder.top_chunks,
             "copy_head": decoder.copy_head is not None,
             "upper_rank": 0 if decoder.upper is None else decoder.upper.rank,
+            "reading_from": decoder.reading_from,
             "base_weights_digest": base_digest, **(extra or {})}
     (out_dir / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
-                 cross_rope: str | None = None, top_chunks: int | None = None) -> InjectionDecoder:
+                 cross_rope: str | None = None, top_chunks: int | None = None,
+                 reading_from: int | None | str = READ_AS_TRAINED) -> InjectionDecoder:
     """An InjectionDecoder over `base` with trained weights; refuses another base model's adapter.
-    cross_rope and top_chunks override what the adapter was trained with (experiments)."""
+    cross_rope, top_chunks and reading_from override what the adapter was trained with."""
     adapter_dir = Path(adapter_dir)
     cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     if not cfg_path.is_file() or not weights_path.is_file():
@@ -390,7 +446,8 @@ def load_adapter(base: Llama, adapter_dir: Path, base_digest: str,
     decoder = InjectionDecoder(base, int(meta["n_layers"]), cross_rope or meta.get("cross_rope", "chunk"),
                                int(meta.get("top_chunks", 0)) if top_chunks is None else top_chunks,
                                copy_head=bool(meta.get("copy_head", False)),
-                               upper_rank=int(meta.get("upper_rank", 0)))
+                               upper_rank=int(meta.get("upper_rank", 0)),
+                               reading_from=meta.get("reading_from") if reading_from == READ_AS_TRAINED else reading_from)
     state = load_file(str(weights_path))
     modules = decoder.adapter_modules()
     unknown = sorted({k.split(".", 1)[0] for k in state} - set(modules))

@@ -28,6 +28,11 @@ LayerHook = Callable[[int, Tensor], Tensor]
 # (dq [B,T,H*Dh], dv [B,T,Hkv*Dh]) added to the query and value projections (low-rank
 # adapters of the injection decoder's upper layers).
 AttentionDelta = Callable[[int, Tensor], "tuple[Tensor, Tensor] | None"]
+# Called in the self-attention of layer i: None, or keys/values [B,Hkv,P,Dh] (rotated to
+# positions before the sequence's first) and valid [B,P] that join the layer's own keys in one
+# softmax, as if they were a prompt prefix outside the KV cache (the injection decoder's
+# reading layers).
+AttentionPrefix = Callable[[int], "tuple[Tensor, Tensor, Tensor] | None"]
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +146,8 @@ class Attention(nn.Module):
         return apply_rope(q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                cache: KVCache | None, layer: int, delta: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                cache: KVCache | None, layer: int, delta: tuple[Tensor, Tensor] | None = None,
+                prefix: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         b, t, _ = x.shape
         dq, dv = delta if delta is not None else (None, None)
         q = self.project_q(x, cos, sin, dq)
@@ -152,6 +158,14 @@ class Attention(nn.Module):
             cache.values[layer][:, :, start:start + t] = v
             k = cache.keys[layer][:, :, :start + t]
             v = cache.values[layer][:, :, :start + t]
+        if prefix is not None:
+            pk, pv, p_valid = prefix  # [B,Hkv,P,Dh] x2, [B,P]
+            s_own = k.shape[2]
+            if mask is None:  # plain causal: spell it out, the prefix columns come first
+                query_pos = torch.arange(s_own - t, s_own, device=x.device)
+                mask = (torch.arange(s_own, device=x.device)[None, :] <= query_pos[:, None])[None, None]
+            mask = torch.cat([p_valid[:, None, None, :].expand(b, 1, t, -1), mask.expand(b, 1, t, s_own)], -1)
+            k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         out = attend(q, k, v, mask, causal=True)  # [B,H,T,Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
@@ -201,7 +215,8 @@ class Llama(nn.Module):
 
     def hidden_states(self, input_ids: Tensor, positions: Tensor, token_valid: Tensor | None = None,
                       cache: KVCache | None = None, layer_hook: LayerHook | None = None,
-                      n_layers: int | None = None, attn_delta: AttentionDelta | None = None) -> Tensor:
+                      n_layers: int | None = None, attn_delta: AttentionDelta | None = None,
+                      attn_prefix: AttentionPrefix | None = None) -> Tensor:
         """Run the stack; returns h [B,T,D] before the final norm.
 
         input_ids, positions: [B,T]; token_valid [B,T] bool (False on left padding).
@@ -214,7 +229,8 @@ class Llama(nn.Module):
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer.input_layernorm(h)
-            h = h + layer.self_attn(x, cos, sin, mask, cache, i, None if attn_delta is None else attn_delta(i, x))
+            h = h + layer.self_attn(x, cos, sin, mask, cache, i, None if attn_delta is None else attn_delta(i, x),
+                                    None if attn_prefix is None else attn_prefix(i))
             if layer_hook is not None:
                 h = layer_hook(i, h)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

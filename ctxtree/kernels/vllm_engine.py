@@ -88,6 +88,9 @@ def _adapter_weights(decoder: InjectionDecoder) -> dict[str, torch.Tensor]:
                          "the output distribution per request); use the torch engine")
     if decoder.upper is not None:
         raise ValueError("the vLLM engine does not run adapters with upper-layer adapters; use the torch engine")
+    if decoder.reading_from is not None:
+        raise ValueError("the vLLM engine does not run reading layers (a per-request prefix in self-attention); "
+                         "use the torch engine or --reading-from none")
     out = {}
     for i, block in enumerate(decoder.cross_attn):
         prefix = f"model.layers.{i}.cross_attn"

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctxtree.cli_args import reading_layer
 from ctxtree.pipelines.data import PROSE_KINDS, VALUE_KINDS, check_value_kinds
 
 PROSE_PASSAGES = ("haystack", "wide")
@@ -77,6 +78,7 @@ class TrainConfig:
     top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
     copy_head: bool = False               # train a copy head (a pointer over the injected tokens; kernels/inject.py)
     upper_rank: int = 0                   # low-rank adapters on q/v of layers M..N-1 (kernels/inject.py); 0 = none
+    reading_from: int | None = None       # reading layers J..N-1 (kernels/reading.py); None = none; needs top_chunks
     train_cross_attn: bool = True         # False: only the copy head learns (the cross-attention keeps its weights)
     prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
     prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
@@ -119,6 +121,10 @@ class TrainConfig:
             raise ValueError("prose_fraction must be within [0, 1), prose_needles within [0, 1], prose_examples >= 1")
         if not self.train_cross_attn and not self.copy_head and not self.upper_rank:
             raise ValueError("nothing to train: --no-train-cross-attn needs --copy-head or --upper-rank")
+        if self.reading_from is not None and not isinstance(self.reading_from, int):
+            raise ValueError(f"--reading-from: a layer number or 'none', got {self.reading_from!r}")
+        if self.reading_from is not None and self.top_chunks < 1:
+            raise ValueError("--reading-from reads the injected chunks at full depth: it needs --top-chunks >= 1")
         if self.upper_rank < 0:
             raise ValueError(f"upper_rank must be >= 0 (0: no upper-layer adapters), got {self.upper_rank}")
         if self.haystack_chunks < 0:
@@ -233,6 +239,7 @@ def train_loop(config: dict) -> None:
             raise ValueError(f"--init-adapter injects into {decoder.n_layers} layers, more than --layers {cfg.layers}")
         decoder = extend_injection(decoder, cfg.layers)  # a shallower start: new layers begin at o_proj 0
     decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
+    decoder.set_reading(cfg.reading_from)  # and read as it will be served
     if cfg.copy_head:
         decoder.add_copy_head()  # a fresh one where the starting weights have none
     if cfg.upper_rank:
@@ -463,7 +470,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--init-adapter", default=None, help="start a new run from these injection weights")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "prose_kinds", "use_gpu"):
+        if f.name in ("out", "model", "init_adapter", "digits", "value_kinds", "prose_kinds", "use_gpu",
+                      "reading_from"):
             continue
         if isinstance(getattr(defaults, f.name), bool):  # --copy-head / --no-copy-head
             p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction,
@@ -477,6 +485,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help=f"kinds of asked values, comma-separated, of: {', '.join(VALUE_KINDS)}")
     p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
                    help=f"kinds of prose questions trained on, comma-separated, of: {', '.join(PROSE_KINDS)}")
+    p.add_argument("--reading-from", type=reading_layer, default=None, metavar="J|none",
+                   help="train with reading layers J..N-1 (the injected chunks re-encoded by the whole model join "
+                        "their self-attention; kernels/reading.py); default none")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process without Ray (one worker: a single machine, e.g. a GPU box with no Ray)")

@@ -26,6 +26,8 @@ unbounded wait.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
@@ -46,6 +48,7 @@ class ServeArgs(BaseModel):
     model: str | None = None
     adapter: str | None = None
     top_chunks: int | None = Field(default=None, ge=0)  # None: as the adapter was trained
+    reading_from: int | Literal["none", "as-trained"] = "as-trained"  # first reading layer (kernels/reading.py)
     layers: int = TreeConfig.n_layers
     chunk_len: int = TreeConfig.chunk_len
     height: int = TreeConfig.height
@@ -65,6 +68,7 @@ class ServeArgs(BaseModel):
     def service_config(self) -> ServiceConfig:
         return ServiceConfig(
             store=self.store, model=self.model, adapter=self.adapter, top_chunks=self.top_chunks,
+            reading_from=None if self.reading_from == "none" else self.reading_from,
             tree=TreeConfig(n_layers=self.layers, chunk_len=self.chunk_len, height=self.height, keep=self.keep,
                             codec=self.codec, dtype=self.dtype),
             device=self.device,

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None, prog: str = "ctxtree serve") -> int:
     from ctxtree.serve.ingress import Ingress
 
     app_args = ServeArgs(store=args.store, model=args.model, adapter=args.adapter, top_chunks=args.top_chunks,
+                         reading_from="none" if args.reading_from is None else args.reading_from,
                          layers=args.layers,
                          chunk_len=args.chunk_len, height=args.height, keep=args.keep, codec=args.codec,
                          dtype=args.dtype, device=args.device, cache_mb=args.cache_mb, max_batch=args.max_batch,

@@ -22,6 +22,7 @@ from ctxtree.store import Corrupt, TreeStore
 from ctxtree.kernels.engines import check_engine, make_engine
 from ctxtree.kernels.vllm_engine import VllmConfig
 from ctxtree.kernels.generate import SamplingConfig
+from ctxtree.kernels.inject import READ_AS_TRAINED
 from ctxtree.kernels.tree import POLICIES, TreeConfig
 from ctxtree.serve.engine import BatchingEngine, GenRequest
 from ctxtree.serve.protocol import ReplicaStats, RequestTooLarge
@@ -36,6 +37,7 @@ class ServiceConfig:
     model: str | None = None
     adapter: str | None = None
     top_chunks: int | None = None   # chunks injected per request; None: as the adapter was trained
+    reading_from: int | None | str = READ_AS_TRAINED  # first reading layer (kernels/reading.py); None: off
     tree: TreeConfig = field(default_factory=TreeConfig)
     device: str | None = None       # None: the GPU if Ray gave this replica one, else cpu
     cache_bytes: int = 1 << 30
@@ -78,7 +80,8 @@ class DecoderService:
         self.config = config
         self.rt = runtime or load_runtime(Path(config.model) if config.model else None, config.tree,
                                           Path(config.adapter) if config.adapter else None,
-                                          top_chunks=config.top_chunks, device=config.device)
+                                          top_chunks=config.top_chunks, device=config.device,
+                                          reading_from=config.reading_from)
         self.store = TreeStore(config.store)
         self.cache = TreeCache(self.store, self.rt.fingerprint, config.cache_bytes)
         # this service makes the decode engine, so it closes it
