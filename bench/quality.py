@@ -10,6 +10,9 @@ question phrasings never seen in training):
 - `right`:  the same, search policy right (the paper's language-modelling rule);
 - `norope`: the same, cross_rope none (no chunk-level positions);
 - `zero`:   the zero-initialised injection decoder (exactly the base model, no document);
+- `reading`: the zero-initialised injection decoder with reading layers from layer 0 and the
+            shipped adapter's top chunks (kernels/reading.py: the chunks search keeps, read at
+            full depth by the untrained base model; `ctxtree ask --adapter none --reading-from 0`);
 - `base`:   the base model with the document in its prompt, truncated to its window
             (the whole document where it fits);
 - `bm25`:   retrieval: the BM25 top-k passages of the document given to the base model;
@@ -48,7 +51,7 @@ import torch
 from ctxtree.answer import answer_question
 from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
-from ctxtree.runtime import cache_dir, load_runtime
+from ctxtree.runtime import READING_TOP_CHUNKS, cache_dir, load_runtime
 from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
 from ctxtree.kernels.tree import NOT_INJECTED, injected_chunks, node_spans
@@ -61,7 +64,7 @@ from ctxtree.kernels.tree import ContextTree
 from ctxtree.pipelines.data import KINDS, VALUE_KINDS, is_correct, load_haystack, make_sample, numbers_only
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = ("query", "vector", "right", "norope", "zero", "base", "bm25", "teacher")
+METHODS = ("query", "vector", "right", "norope", "zero", "reading", "base", "bm25", "teacher")
 INJECTED = ("query", "vector", "right", "norope")  # methods that need trained injection weights
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
@@ -258,12 +261,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter,
-                      top_chunks=args.top_chunks, device=args.device)
+                      top_chunks=args.top_chunks, device=args.device, reading_from=args.reading_from)
     adapter_dir = rt.adapter_dir
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
-                "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none", rt.decoder.top_chunks)
+                "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none", rt.decoder.top_chunks,
+                                       rt.decoder.reading_from)
                 if adapter_dir else None,
-                "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval()}
+                "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval(),
+                "reading": InjectionDecoder(rt.model, rt.tree_config.n_layers,
+                                            top_chunks=rt.decoder.top_chunks or READING_TOP_CHUNKS,
+                                            reading_from=0).eval()}
     base_decoder = decoders["zero"]  # without injected context: exactly the base model
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)
@@ -287,7 +294,7 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             level = None
-            if method in INJECTED + ("zero",):
+            if method in INJECTED + ("zero", "reading"):
                 rt.decoder = decoders[method]
                 answer = answer_question(rt, trees, s.question, sampling,
                                          policy=method if method in ("vector", "right") else "query")
@@ -315,9 +322,11 @@ def main() -> None:
             f"{r['method']}={'Y' if r['correct'] else 'n'}" for r in records
             if r["length"] == length and r["kind"] == kind and r["index"] == i),
             f"({time.perf_counter() - t_start:.0f} s)", flush=True)
-    prose = None
-    if args.prose and adapter_dir is not None:
+    prose = prose_reading = None
+    if args.prose and adapter_dir is not None and "query" in args.methods:
         prose = prose_quality(rt, decoders["query"], decoders["zero"], args.prose, args.seed, sampling)
+    if args.prose and "reading" in args.methods:
+        prose_reading = prose_quality(rt, decoders["reading"], decoders["zero"], args.prose, args.seed, sampling)
     rt.decoder = decoders["query"]
     build_rate = built_tokens / build_s if build_s else None
     if args.update and args.out.is_file():
@@ -325,6 +334,7 @@ def main() -> None:
         records = [r for r in old["records"] if r["method"] not in args.methods] + records
         build_rate = build_rate or old.get("tree_build_tokens_per_s")  # every tree came from the cache this time
         prose = prose or old.get("prose")
+        prose_reading = prose_reading or old.get("prose_reading")
     report = {
         "benchmark": "quality", "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                             "platform": platform.platform()},
@@ -333,7 +343,8 @@ def main() -> None:
         "tree_config": rt.tree_config.to_dict(), "questions_per_length_and_kind": args.questions,
         "base_questions_cap": args.base_questions, "bm25_k": args.bm25_k,
         "tree_build_tokens_per_s": build_rate,
-        "results": summarize(records, rt.tree_config.height), "prose": prose, "records": records,
+        "results": summarize(records, rt.tree_config.height), "prose": prose,
+        "prose_reading": prose_reading, "records": records,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
@@ -358,10 +369,13 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("exact match, % (held-out)")
     ax.set_ylim(-2, 102)
     ax.axvline(8192, color="grey", linestyle=":", linewidth=1)
-    prose = report.get("prose")
-    ax.set_title(f"ctxtree quality: {report['model']}" + (
-        f"\nprose: information recovered {prose['recovered']:.2f}, numbers-only answers "
-        f"{100 * prose['numbers_only']:.0f}%" if prose else ""), fontsize=10)
+    lines = [f"ctxtree quality: {report['model']}"]
+    for name, key in (("query", "prose"), ("reading", "prose_reading")):
+        prose = report.get(key)
+        if prose:
+            lines.append(f"prose ({name}): information recovered {prose['recovered']:.2f}, numbers-only answers "
+                         f"{100 * prose['numbers_only']:.0f}%")
+    ax.set_title("\n".join(lines), fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -253,5 +253,10 @@ def test_reading_layers_see_the_selected_nodes_where_the_text_would_be(tiny_mode
     assert load_adapter(tiny_model, tmp_path / "ad", "digest-r", reading_from=None).reading_from is None
     with pytest.raises(ValueError, match="first reading layer"):
         InjectionDecoder(tiny_model, 2, reading_from=n)
+    # more injected text than the model's window (512 tokens here) is refused, not read
+    long_tree = make_trees(tiny_model, [600])[0]
+    every = torch.tensor([[2, 4, 7, 8]] * long_tree.n_chunks)
+    with pytest.raises(ValueError, match="more than the model's window"):
+        dec.request_kv([long_tree], [every])
     with pytest.raises(ValueError, match="no reading K/V"):
         dec(ids, pos, context=batch_context([InjectionDecoder(tiny_model, 2).request_kv([tree], [selected])]))

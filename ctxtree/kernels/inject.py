@@ -236,7 +236,7 @@ class InjectionDecoder(nn.Module):
     def set_reading(self, first: int | None) -> None:
         """Reading layers first..N-1 (kernels/reading.py), or None: none (the method)."""
         n = self.base.cfg.num_hidden_layers
-        if first is not None and not 0 <= first < n:
+        if first is not None and (not isinstance(first, int) or isinstance(first, bool) or not 0 <= first < n):
             raise ValueError(f"the first reading layer must be in 0..{n - 1} (or none), got {first}")
         self.reading_from = first
 
@@ -297,6 +297,9 @@ class InjectionDecoder(nn.Module):
                                  "(build it with this decoder's request_kv)")
             first = self.reading_from
             rk, rv, r_valid = context.reading_keys, context.reading_values, context.reading_valid
+            if rk.shape[0] != self.base.cfg.num_hidden_layers - first:
+                raise ValueError(f"the context's reading K/V cover {rk.shape[0]} layers; this decoder reads from "
+                                 f"layer {first} (build the context with this decoder's request_kv)")
 
             def prefix(i: int) -> tuple[Tensor, Tensor, Tensor] | None:
                 return (rk[i - first], rv[i - first], r_valid) if i >= first else None
@@ -398,9 +401,9 @@ def batch_context(per_request: list[RequestKV]) -> InjectedContext:
         valid[row, :s] = True
         token_ids[row, :s] = r.token_ids
     context = InjectedContext(keys=keys, values=values, valid=valid, token_ids=token_ids)
+    if len({r.reading_keys is None for r in per_request}) > 1:
+        raise ValueError("requests of one batch must all have reading K/V or none")
     if per_request[0].reading_keys is not None:
-        if any(r.reading_keys is None for r in per_request):
-            raise ValueError("requests of one batch must all have reading K/V or none")
         p_max = max(r.reading_keys.shape[2] for r in per_request)
         n_read = per_request[0].reading_keys.shape[0]
         context.reading_keys = torch.zeros(n_read, b, hkv, p_max, dh, dtype=dtype, device=device)

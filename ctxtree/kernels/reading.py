@@ -62,6 +62,9 @@ def reading_kv(model: Llama, trees: list[ContextTree], selections: list[Tensor],
                 kept.append(kept_positions(e - s, keep))
                 places.append(offset + s)
             offset += length
+    if offset > cfg.max_position_embeddings:
+        raise ValueError(f"reading layers would read {offset} tokens of injected chunks, more than the model's "
+                         f"window ({cfg.max_position_embeddings}); inject fewer chunks (top_chunks, policy query)")
     empty = torch.zeros(n - first, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=model.dtype, device=model.device)
     if not pieces:
         return empty, empty.clone()

@@ -121,19 +121,19 @@ class BatchingEngine:
             shift = padded.input_ids.shape[1] - padded.lengths
             q = query_vector(model, padded.input_ids, padded.positions, padded.token_valid,
                              torch.tensor([r.query_index for r in requests], device=model.device) + shift)
-            contexts = []
-            for row, r in enumerate(requests):
+            contexts, fits = [], []
+            for row, (p, r) in enumerate(zip(batch, requests)):
                 route = route_query(model, q[row], r.question_ids)
                 r.selections = search_documents(r.trees, route, r.policy, self.decoder.top_chunks)
-                contexts.append(self.decoder.request_kv(r.trees, r.selections))
-            fits = []
-            for row, (p, r) in enumerate(zip(batch, requests)):
                 try:
-                    self.engine.check(r.prompt, contexts[row], r.sampling)
-                    fits.append(row)
+                    kv = self.decoder.request_kv(r.trees, r.selections)  # reading layers: may exceed the window
+                    self.engine.check(r.prompt, kv, r.sampling)
                 except ValueError as e:  # beyond this engine's limits: that request fails, not its batch
                     send(p, RequestTooLarge(str(e)))
-            batch, requests, contexts = ([x[row] for row in fits] for x in (batch, requests, contexts))
+                    continue
+                contexts.append(kv)
+                fits.append(row)
+            batch, requests = ([x[row] for row in fits] for x in (batch, requests))
             if not batch:
                 return
             finished = [False] * len(batch)
