@@ -146,3 +146,35 @@ def test_a_request_beyond_the_engines_limits_fails_alone_and_its_batch_is_answer
     assert [g for i, g in enumerate(got) if i != 2] == [e for i, e in enumerate(expected) if i != 2]
     with pytest.raises(ValueError):
         ShortPrompts(dec).check(list(range(9)), None, sampling)
+
+
+def test_with_reading_layers_a_request_reading_beyond_the_window_fails_alone(tiny_model):
+    """Reading layers read the injected chunks at full depth; a request whose chunks exceed
+    the model's window (512 tokens here; policy right keeps every chunk) gets a 413-class
+    error, and the others in its batch are answered as they are alone."""
+    from ctxtree.serve.protocol import RequestTooLarge
+
+    dec = trained(tiny_model)
+    dec.set_reading(1)
+    sampling = SamplingConfig(max_tokens=6)
+    g = torch.Generator().manual_seed(8)
+    long_tree = build_tree(tiny_model, torch.randint(3, 97, (600,), generator=g), CFG)
+    batch = requests(tiny_model, sampling)[:2] + [
+        GenRequest(prompt=[5, 6, 7], query_index=2, question_ids=[5, 6, 7], trees=[long_tree], sampling=sampling,
+                   policy="right")]
+
+    async def together():
+        engine = BatchingEngine(dec, stop_ids=(), max_batch=8, max_wait_ms=20)
+        out = await asyncio.gather(*[collect(engine, r) for r in batch], return_exceptions=True)
+        engine.close()
+        return out
+
+    async def alone():
+        engine = BatchingEngine(dec, stop_ids=(), max_batch=1, max_wait_ms=0)
+        out = [await collect(engine, r) for r in batch[:2]]
+        engine.close()
+        return out
+
+    out = asyncio.run(together())
+    assert isinstance(out[2], RequestTooLarge) and "window" in str(out[2])
+    assert out[:2] == asyncio.run(alone()) and all(len(t) == 6 for t in out[:2])
