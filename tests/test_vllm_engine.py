@@ -139,8 +139,17 @@ QUESTIONS = [("license-GPL-3.txt", "Who is allowed to copy and distribute this l
 
 
 def test_smollm_shipped_adapter_answers_equal_the_torch_engine(smollm_runtime, tmp_path):
-    rt = smollm_runtime
-    assert rt.adapter_dir is not None and rt.decoder.top_chunks > 0  # the shipped adapter
+    from dataclasses import replace
+
+    from ctxtree.kernels.inject import load_adapter
+
+    assert smollm_runtime.adapter_dir is not None and smollm_runtime.decoder.top_chunks > 0  # the shipped adapter
+    # its cross-attention weights; the vLLM engine runs no reading layers (it refuses them)
+    rt = replace(smollm_runtime, decoder=load_adapter(smollm_runtime.model, smollm_runtime.adapter_dir,
+                                                      smollm_runtime.weights_digest, reading_from=None))
+    if smollm_runtime.decoder.reading_from is not None:
+        with pytest.raises(ValueError, match="reading layers"):
+            VllmDecoder(smollm_runtime.decoder, rt.ckpt_dir, tmp_path / "refused", VllmConfig())
     cfg = TreeConfig()
     trees = {}
     for name, _ in QUESTIONS:  # the first 1,024 tokens of each document: four chunks

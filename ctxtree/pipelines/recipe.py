@@ -1,5 +1,6 @@
 """The adapter recipe, as one command: its training stages in order, each
-started from the previous stage's weights.
+started from the previous stage's weights (a stage in FRESH starts from zero weights, and
+the stages before it are not needed for it).
 
     python -m ctxtree.pipelines.recipe --out runs/shipped [--address auto --workers 4 --use-gpu]
 
@@ -27,7 +28,7 @@ from ctxtree.pipelines.train import ADAPTER_DIR, TrainConfig, run
 # teacher-routed: the decoder learns to copy a value out of the injected nodes
 COPY = dict(chunk_len=256, keep=32, needle_len=0, pool_size=0, facts_per_chunk=2, digits=(3, 6), max_chunks=1,
             ramp_steps=0, spread_fraction=0.0, oracle_fraction=0.75, lr=3e-3, warmup=20, batch=4,
-            top_chunks=0, prose_fraction=0.0, value_kinds=("digits",), prose_seed=3)
+            top_chunks=0, prose_fraction=0.0, value_kinds=("digits",), prose_seed=3, reading_from=None)
 
 STAGES: list[tuple[str, dict]] = [
     ("1-copy", dict(COPY, steps=2000, stop_at=1600, seed=0)),
@@ -54,7 +55,26 @@ STAGES: list[tuple[str, dict]] = [
                          value_kinds=("digits", "code", "word", "name", "date"), facts_per_chunk=4, top_chunks=2,
                          prose_fraction=0.25, prose_examples=1024, prose_needles=0.4,
                          prose_kinds=("template", "written"), steps=700, seed=4)),
+    # Not shipped (2026-12-04, eighth session; docs/quality.md "Reading layers"; with stage 7
+    # kept in docs/warmstart/smollm2-m4-reading/; run them with --through 7-reading-more): from
+    # zero weights, with reading layers 0..N-1 (the 2 chunks search keeps, re-encoded by the
+    # whole base model, in every layer's self-attention), so the base model reads the text and
+    # the cross-attention learns to copy values out of it; lookups of every kind among up to
+    # 8 chunks, and 30% prose questions distilled from the base model with the passage's text
+    ("6-reading", dict(COPY, max_chunks=8, ramp_steps=0, oracle_fraction=0.1, lr=1e-3, haystack_chunks=512,
+                       value_kinds=("digits", "code", "word", "name", "date"), facts_per_chunk=4, top_chunks=2,
+                       reading_from=0, prose_fraction=0.3, prose_examples=2048, prose_needles=0.4,
+                       prose_kinds=("template", "written"), steps=300, seed=21)),
+    # continued from 6-reading's weights with a fifth of prose, at half the rate: 4K digit
+    # lookups 6 -> 7 of 10 (docs/warmstart/smollm2-m4-reading/ holds the result)
+    ("7-reading-more", dict(COPY, max_chunks=8, ramp_steps=0, oracle_fraction=0.1, lr=5e-4, haystack_chunks=512,
+                            value_kinds=("digits", "code", "word", "name", "date"), facts_per_chunk=4,
+                            top_chunks=2, reading_from=0, prose_fraction=0.2, prose_examples=2048,
+                            prose_needles=0.4, prose_kinds=("template", "written"), steps=200, seed=22)),
 ]
+
+# Stages trained from zero weights rather than from the previous stage's
+FRESH = {"6-reading"}
 
 # The stage whose result ships (ctxtree/adapters/): the recipe stops there unless --through says otherwise
 SHIPPED_STAGE = "3-long"
@@ -80,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"the last stage to run (default {SHIPPED_STAGE}, the shipped adapter's)")
     args = ap.parse_args(argv)
     previous: Path | None = None
-    stages = STAGES[:[name for name, _ in STAGES].index(args.through) + 1]
+    names = [name for name, _ in STAGES]
+    last = names.index(args.through)
+    first = max([i for i, name in enumerate(names[:last + 1]) if name in FRESH], default=0)
+    stages = STAGES[first:last + 1]
     for name, stage in stages:
         out = args.out / name
         if (out / ADAPTER_DIR / "adapter.json").is_file():
