@@ -51,7 +51,7 @@ import torch
 from ctxtree.answer import answer_question
 from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
-from ctxtree.runtime import READING_TOP_CHUNKS, cache_dir, load_runtime
+from ctxtree.runtime import cache_dir, load_runtime, untrained_decoder
 from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
 from ctxtree.kernels.tree import NOT_INJECTED, injected_chunks, node_spans
@@ -263,14 +263,17 @@ def main() -> None:
     rt = load_runtime(Path(args.model) if args.model else None, tree_config(args), adapter=args.adapter,
                       top_chunks=args.top_chunks, device=args.device, reading_from=args.reading_from)
     adapter_dir = rt.adapter_dir
+    old = json.loads(args.out.read_text()) if args.update and args.out.is_file() else None
+    if old is not None and old["tree_config"] != rt.tree_config.to_dict():  # checked before the hours of work
+        raise SystemExit(f"--update: {args.out} was measured with trees {old['tree_config']}, this run's are "
+                         f"{rt.tree_config.to_dict()} (pass the same --codec/--layers..., or another --out)")
     decoders = {"query": rt.decoder, "vector": rt.decoder, "right": rt.decoder,
                 "norope": load_adapter(rt.model, adapter_dir, rt.weights_digest, "none", rt.decoder.top_chunks,
                                        rt.decoder.reading_from)
                 if adapter_dir else None,
                 "zero": InjectionDecoder(rt.model, rt.tree_config.n_layers).eval(),
-                "reading": InjectionDecoder(rt.model, rt.tree_config.n_layers,
-                                            top_chunks=rt.decoder.top_chunks or READING_TOP_CHUNKS,
-                                            reading_from=0).eval()}
+                "reading": untrained_decoder(rt.model, rt.tree_config, top_chunks=rt.decoder.top_chunks or None,
+                                             reading_from=0)}
     base_decoder = decoders["zero"]  # without injected context: exactly the base model
     haystack = load_haystack(rt.tokenizer, "heldout")
     chunks = ChunkCache(cache_dir() / "bench-chunks", rt.fingerprint, rt.model, rt.tree_config)
@@ -329,8 +332,7 @@ def main() -> None:
         prose_reading = prose_quality(rt, decoders["reading"], decoders["zero"], args.prose, args.seed, sampling)
     rt.decoder = decoders["query"]
     build_rate = built_tokens / build_s if build_s else None
-    if args.update and args.out.is_file():
-        old = json.loads(args.out.read_text())
+    if old is not None:
         records = [r for r in old["records"] if r["method"] not in args.methods] + records
         build_rate = build_rate or old.get("tree_build_tokens_per_s")  # every tree came from the cache this time
         prose = prose or old.get("prose")

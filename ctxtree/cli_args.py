@@ -18,8 +18,8 @@ def add_model_args(p: argparse.ArgumentParser, adapter: bool = True) -> None:
         p.add_argument("--adapter", default=None, help="injection weights directory; default: the shipped adapter for the model, "
                        "'none': the zero-initialised decoder (the base model)")
         p.add_argument("--reading-from", type=reading_layer, default=READ_AS_TRAINED, metavar="J|none",
-                       help="reading layers: the chunks search keeps, re-encoded by the whole model, join the "
-                            "self-attention of layers J..N-1 (docs/quality.md 'Reading layers'); 'none': off "
+                       help="reading layers: the text of the chunks search keeps, encoded by the whole model, "
+                            "joins the self-attention of layers J..N-1 (docs/quality.md 'Reading layers'); 'none': off "
                             "(default: as the adapter was trained)")
         p.add_argument("--top-chunks", type=int, default=None,
                        help="chunks injected per question, the best matches, at least one per document "

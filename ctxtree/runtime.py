@@ -113,6 +113,26 @@ def fingerprint_of(model_path: Path | None = None, tree_config: TreeConfig | Non
     return model_fingerprint(digest, tokenizer_digest(load_tokenizer(ckpt)), tree_config or TreeConfig())
 
 
+def bound_reading(decoder: InjectionDecoder, top_chunks: int | None) -> None:
+    """Reading layers read every injected chunk at full depth: a decoder with them and no
+    chunk bound (top_chunks None: nothing said) reads READING_TOP_CHUNKS; 0 is refused."""
+    if decoder.reading_from is not None and decoder.top_chunks == 0:
+        if top_chunks == 0:
+            raise ValueError("reading layers read the injected chunks at full depth: they need top_chunks >= 1 "
+                             "(every chunk of a long document would cost its whole prefill)")
+        decoder.top_chunks = READING_TOP_CHUNKS
+
+
+def untrained_decoder(model: Llama, tree_config: TreeConfig, cross_rope: str | None = None,
+                      top_chunks: int | None = None, reading_from: int | None = None) -> InjectionDecoder:
+    """The zero-initialised injection decoder (with reading layers: the base model reading the
+    chunks search keeps; without: exactly the base model), eval mode, chunk bound applied."""
+    decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk", top_chunks or 0,
+                               reading_from=reading_from).eval()
+    bound_reading(decoder, top_chunks)
+    return decoder
+
+
 def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None = None,
                  adapter: Path | str | None = None, cross_rope: str | None = None,
                  top_chunks: int | None = None, device: str | torch.device | None = None,
@@ -147,13 +167,9 @@ def load_runtime(model_path: Path | None = None, tree_config: TreeConfig | None 
             raise ValueError(f"adapter injects into {decoder.n_layers} layers but trees keep only "
                              f"{tree_config.n_layers} (tree n_layers)")
     else:
-        decoder = InjectionDecoder(model, tree_config.n_layers, cross_rope or "chunk", top_chunks or 0,
-                                   reading_from=None if reading_from == READ_AS_TRAINED else reading_from).eval()
-    if decoder.reading_from is not None and decoder.top_chunks == 0:
-        if top_chunks == 0:
-            raise ValueError("reading layers read the injected chunks at full depth: they need top_chunks >= 1 "
-                             "(every chunk of a long document would cost its whole prefill)")
-        decoder.top_chunks = READING_TOP_CHUNKS
+        decoder = untrained_decoder(model, tree_config, cross_rope, top_chunks,
+                                    None if reading_from == READ_AS_TRAINED else reading_from)
+    bound_reading(decoder, top_chunks)
     stops = set(model.cfg.eos_token_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)

@@ -216,28 +216,30 @@ def test_upper_adapters_start_as_nothing_then_change_the_answer_and_round_trip(t
         back.add_upper(8)
 
 
-def test_reading_layers_see_the_selected_nodes_where_the_text_would_be(tiny_model, tmp_path):
-    """A node that starts its chunk is encoded alone exactly as the text's first tokens are:
-    its reading K/V must be the base model's own K/V of the text, at positions -S.. (S: the
-    injected tokens), in every reading layer; and decoding step by step through the KV cache
-    equals one full pass."""
-    from ctxtree.kernels.llama import KVCache, apply_rope, rope_cos_sin
+def test_reading_layers_read_the_injected_chunks_as_if_their_text_preceded_the_prompt(tiny_model, tmp_path):
+    """With reading layers from 0 and no trained weights, the decoder given a request's
+    injected chunks is the base model with those chunks' text (documents and chunks in
+    order, the left-out chunk skipped) standing right before the prompt: same logits at
+    every prompt position. Decoding step by step through the KV cache equals one pass."""
+    from ctxtree.kernels.llama import KVCache
     from ctxtree.kernels.reading import reading_kv
+    from ctxtree.kernels.tree import NOT_INJECTED
 
-    tokens = torch.randint(3, 97, (32,), generator=torch.Generator().manual_seed(7))
-    tree = build_tree(tiny_model, tokens, CFG)  # one chunk of 32: nodes 1-2 (16), 3-6 (8), 7-14 (4)
-    selected = torch.tensor([[2, 4, 7, 8]])  # always left: right siblings 2 and 4, then leaves 7 and 8
-    keys, values = reading_kv(tiny_model, [tree], [selected], first=1)
+    g = torch.Generator().manual_seed(7)
+    first_doc, second_doc = torch.randint(3, 97, (64,), generator=g), torch.randint(3, 97, (20,), generator=g)
+    trees = [build_tree(tiny_model, first_doc, CFG), build_tree(tiny_model, second_doc, CFG)]
+    selected = [torch.tensor([[NOT_INJECTED] * 4, [2, 4, 7, 8]]), torch.tensor([[2, 4, 7, 8]])]  # chunk 1 of doc 0
+    text = torch.cat([first_doc[32:], second_doc])  # what the reading layers must see: 32 + 20 tokens
     n = tiny_model.cfg.num_hidden_layers
-    assert keys.shape == (n - 1, 2, 16, 16)  # layers 1..3; 4 kept positions per node
-    cache = KVCache.allocate(tiny_model.cfg, 1, 32, tiny_model.dtype)
-    tiny_model(tokens[None], torch.arange(32)[None], cache=cache)
-    cos, sin = rope_cos_sin(tiny_model.inv_freq, torch.full((1, 4), -32), torch.float32)
-    for layer in range(1, n):
-        text_k = apply_rope(cache.keys[layer][:, :, :4], cos, sin)[0]  # the text's tokens 0..3, moved by -32
-        torch.testing.assert_close(keys[layer - 1][:, 8:12], text_k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(values[layer - 1][:, 8:12], cache.values[layer][0, :, :4])
+    keys, values = reading_kv(tiny_model, trees, selected, first=1)
+    assert keys.shape == values.shape == (n - 1, 2, 52, 16)  # layers 1..3, every token read
+    ids = torch.randint(3, 97, (1, 10), generator=g)
+    plain = InjectionDecoder(tiny_model, 2, reading_from=0).eval()
+    ctx = batch_context([plain.request_kv(trees, selected)])
+    with_text = tiny_model(torch.cat([text, ids[0]])[None], torch.arange(62)[None])[:, 52:]
+    torch.testing.assert_close(plain(ids, torch.arange(10)[None], context=ctx), with_text, atol=1e-4, rtol=1e-4)
     # a reading decoder with an untrained cross-attention: the context changes the answer
+    tree, selected = trees[1], selected[1]
     dec = InjectionDecoder(tiny_model, 2, reading_from=1).eval()
     ctx = batch_context([dec.request_kv([tree], [selected])])
     ids, pos = torch.randint(3, 97, (1, 10)), torch.arange(10)[None]

@@ -31,10 +31,11 @@ without them), and never touch layers 0..M-1, so the compressor, the trees and t
 fingerprint are those of the base model.
 
 Reading layers (optional, `reading_from` = J, a deviation from the method; kernels/reading.py,
-docs/quality.md "Reading layers"): the selected nodes, re-encoded by the whole base model
-from the tokens the trees store, join the self-attention of layers J..N-1 in one softmax with
-the question's own keys, as a prompt prefix would. No parameters: with an untrained
-cross-attention the decoder then reads the chunks the search selects.
+docs/quality.md "Reading layers"): the text of the chunks the search keeps, encoded by the
+whole base model from the tokens the trees store, joins the self-attention of layers J..N-1
+in one softmax with the question's own keys, exactly as a prompt prefix would. No
+parameters: with an untrained cross-attention and J = 0 the decoder is the base model with
+those chunks' text before the prompt.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ctxtree.kernels.llama import KVCache, Llama, RMSNorm, apply_rope, attend, rope_cos_sin
+from ctxtree.kernels.llama import AttentionPrefix, KVCache, Llama, RMSNorm, apply_rope, attend, rope_cos_sin
 from ctxtree.kernels.reading import reading_kv
 from ctxtree.kernels.tree import ContextTree, gather_nodes
 
@@ -295,14 +296,12 @@ class InjectionDecoder(nn.Module):
             if context.reading_keys is None:
                 raise ValueError("this decoder has reading layers but the context has no reading K/V "
                                  "(build it with this decoder's request_kv)")
-            first = self.reading_from
-            rk, rv, r_valid = context.reading_keys, context.reading_values, context.reading_valid
-            if rk.shape[0] != self.base.cfg.num_hidden_layers - first:
-                raise ValueError(f"the context's reading K/V cover {rk.shape[0]} layers; this decoder reads from "
-                                 f"layer {first} (build the context with this decoder's request_kv)")
-
-            def prefix(i: int) -> tuple[Tensor, Tensor, Tensor] | None:
-                return (rk[i - first], rv[i - first], r_valid) if i >= first else None
+            n_read = context.reading_keys.shape[0]
+            if n_read != self.base.cfg.num_hidden_layers - self.reading_from:
+                raise ValueError(f"the context's reading K/V cover {n_read} layers; this decoder reads from "
+                                 f"layer {self.reading_from} (build the context with this decoder's request_kv)")
+            prefix = AttentionPrefix(context.reading_keys, context.reading_values, context.reading_valid,
+                                     self.reading_from)
 
         return self.base.hidden_states(input_ids, positions, token_valid, cache, layer_hook=inject,
                                        attn_delta=upper, attn_prefix=prefix)
@@ -370,7 +369,8 @@ def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecod
     computes exactly what `decoder` does until they learn (training a deeper adapter from a
     shallower one's skills; docs/quality.md "Depth")."""
     if n_layers < decoder.n_layers:
-        raise ValueError(f"cannot extend a {decoder.n_layers}-layer adapter to {n_layers} layers")
+        raise ValueError(f"cannot extend a {decoder.n_layers}-layer adapter to {n_layers} layers "
+                         f"(train with --layers >= {decoder.n_layers})")
     if decoder.copy_head is not None and n_layers != decoder.n_layers:
         raise ValueError("a copy head's keys span every injection layer: an adapter with one cannot be extended")
     if decoder.upper is not None and n_layers != decoder.n_layers:
@@ -384,36 +384,34 @@ def extend_injection(decoder: InjectionDecoder, n_layers: int) -> InjectionDecod
     return deeper.train(decoder.training)
 
 
+def pad_and_stack(kv: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per request keys and values [L,Hkv,S_b,Dh] -> padded to the longest S and stacked:
+    keys, values [L,B,Hkv,S,Dh] and valid [B,S] (False on the padding)."""
+    s_max = max(k.shape[2] for k, _ in kv)
+    layers, hkv, _, dh = kv[0][0].shape
+    k0 = kv[0][0]
+    keys = torch.zeros(layers, len(kv), hkv, s_max, dh, dtype=k0.dtype, device=k0.device)
+    values = torch.zeros_like(keys)
+    valid = torch.zeros(len(kv), s_max, dtype=torch.bool, device=k0.device)
+    for row, (k, v) in enumerate(kv):
+        keys[:, row, :, :k.shape[2]] = k
+        values[:, row, :, :k.shape[2]] = v
+        valid[row, :k.shape[2]] = True
+    return keys, values, valid
+
+
 def batch_context(per_request: list[RequestKV]) -> InjectedContext:
-    """Pad each request's K/V [M,Hkv,S_b,Dh] to the longest S and stack along a batch axis."""
-    s_max = max(r.keys.shape[2] for r in per_request)
-    m, hkv, _, dh = per_request[0].keys.shape
-    dtype, device = per_request[0].keys.dtype, per_request[0].keys.device
-    b = len(per_request)
-    keys = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
-    values = torch.zeros(m, b, hkv, s_max, dh, dtype=dtype, device=device)
-    valid = torch.zeros(b, s_max, dtype=torch.bool, device=device)
-    token_ids = torch.zeros(b, s_max, dtype=torch.long, device=device)
+    """Pad each request's K/V [M,Hkv,S_b,Dh] (and reading K/V) to the longest and stack along a batch axis."""
+    keys, values, valid = pad_and_stack([(r.keys, r.values) for r in per_request])
+    token_ids = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
     for row, r in enumerate(per_request):
-        s = r.keys.shape[2]
-        keys[:, row, :, :s] = r.keys
-        values[:, row, :, :s] = r.values
-        valid[row, :s] = True
-        token_ids[row, :s] = r.token_ids
+        token_ids[row, :r.token_ids.shape[0]] = r.token_ids
     context = InjectedContext(keys=keys, values=values, valid=valid, token_ids=token_ids)
     if len({r.reading_keys is None for r in per_request}) > 1:
         raise ValueError("requests of one batch must all have reading K/V or none")
     if per_request[0].reading_keys is not None:
-        p_max = max(r.reading_keys.shape[2] for r in per_request)
-        n_read = per_request[0].reading_keys.shape[0]
-        context.reading_keys = torch.zeros(n_read, b, hkv, p_max, dh, dtype=dtype, device=device)
-        context.reading_values = torch.zeros(n_read, b, hkv, p_max, dh, dtype=dtype, device=device)
-        context.reading_valid = torch.zeros(b, p_max, dtype=torch.bool, device=device)
-        for row, r in enumerate(per_request):
-            p = r.reading_keys.shape[2]
-            context.reading_keys[:, row, :, :p] = r.reading_keys
-            context.reading_values[:, row, :, :p] = r.reading_values
-            context.reading_valid[row, :p] = True
+        context.reading_keys, context.reading_values, context.reading_valid = pad_and_stack(
+            [(r.reading_keys, r.reading_values) for r in per_request])
     return context
 
 

@@ -28,11 +28,26 @@ LayerHook = Callable[[int, Tensor], Tensor]
 # (dq [B,T,H*Dh], dv [B,T,Hkv*Dh]) added to the query and value projections (low-rank
 # adapters of the injection decoder's upper layers).
 AttentionDelta = Callable[[int, Tensor], "tuple[Tensor, Tensor] | None"]
-# Called in the self-attention of layer i: None, or keys/values [B,Hkv,P,Dh] (rotated to
-# positions before the sequence's first) and valid [B,P] that join the layer's own keys in one
-# softmax, as if they were a prompt prefix outside the KV cache (the injection decoder's
-# reading layers).
-AttentionPrefix = Callable[[int], "tuple[Tensor, Tensor, Tensor] | None"]
+
+
+@dataclass
+class AttentionPrefix:
+    """Keys and values [L,B,Hkv,P,Dh] (keys rotated to positions before the sequence's first)
+    that join the self-attention of layers first..first+L-1 in one softmax with the layer's
+    own keys, as a prompt prefix outside the KV cache would (the injection decoder's reading
+    layers); valid [B,P] is False on padding."""
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    first: int
+
+    def mask(self, own: Tensor | None, b: int, t: int, s_own: int) -> Tensor:
+        """[B,1,T,P+S] the prefix columns first, then the own mask ([B,1,T,S] or None: causal)."""
+        device = self.valid.device
+        if own is None:
+            query_pos = torch.arange(s_own - t, s_own, device=device)
+            own = (torch.arange(s_own, device=device)[None, :] <= query_pos[:, None])[None, None]
+        return torch.cat([self.valid[:, None, None, :].expand(b, 1, t, -1), own.expand(b, 1, t, s_own)], -1)
 
 
 class RMSNorm(nn.Module):
@@ -148,6 +163,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
                 cache: KVCache | None, layer: int, delta: tuple[Tensor, Tensor] | None = None,
                 prefix: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """prefix: keys, values [B,Hkv,P,Dh] before the layer's own, and the whole mask [B,1,T,P+S]
+        (AttentionPrefix.mask)."""
         b, t, _ = x.shape
         dq, dv = delta if delta is not None else (None, None)
         q = self.project_q(x, cos, sin, dq)
@@ -159,12 +176,7 @@ class Attention(nn.Module):
             k = cache.keys[layer][:, :, :start + t]
             v = cache.values[layer][:, :, :start + t]
         if prefix is not None:
-            pk, pv, p_valid = prefix  # [B,Hkv,P,Dh] x2, [B,P]
-            s_own = k.shape[2]
-            if mask is None:  # plain causal: spell it out, the prefix columns come first
-                query_pos = torch.arange(s_own - t, s_own, device=x.device)
-                mask = (torch.arange(s_own, device=x.device)[None, :] <= query_pos[:, None])[None, None]
-            mask = torch.cat([p_valid[:, None, None, :].expand(b, 1, t, -1), mask.expand(b, 1, t, s_own)], -1)
+            pk, pv, mask = prefix
             k, v = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
         out = attend(q, k, v, mask, causal=True)  # [B,H,T,Dh]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
@@ -226,11 +238,17 @@ class Llama(nn.Module):
         b, t = input_ids.shape
         cos, sin = self.rope(positions)
         mask = self._mask(b, t, token_valid, cache, input_ids.device)
+        prefix_mask = None if attn_prefix is None else \
+            attn_prefix.mask(mask, b, t, t + (cache.length if cache is not None else 0))  # once, not per layer
         h = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers[:n_layers]):
             x = layer.input_layernorm(h)
+            prefix = None
+            if attn_prefix is not None and attn_prefix.first <= i < attn_prefix.first + attn_prefix.keys.shape[0]:
+                j = i - attn_prefix.first
+                prefix = (attn_prefix.keys[j], attn_prefix.values[j], prefix_mask)
             h = h + layer.self_attn(x, cos, sin, mask, cache, i, None if attn_delta is None else attn_delta(i, x),
-                                    None if attn_prefix is None else attn_prefix(i))
+                                    prefix)
             if layer_hook is not None:
                 h = layer_hook(i, h)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -235,8 +235,6 @@ def train_loop(config: dict) -> None:
         decoder = load_adapter(rt.model, resume, rt.weights_digest)
     elif cfg.init_adapter:
         decoder = load_adapter(rt.model, Path(cfg.init_adapter), rt.weights_digest)
-        if decoder.n_layers > cfg.layers:
-            raise ValueError(f"--init-adapter injects into {decoder.n_layers} layers, more than --layers {cfg.layers}")
         decoder = extend_injection(decoder, cfg.layers)  # a shallower start: new layers begin at o_proj 0
     decoder.top_chunks = cfg.top_chunks  # search as the adapter will be served
     decoder.set_reading(cfg.reading_from)  # and read as it will be served
@@ -486,8 +484,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
                    help=f"kinds of prose questions trained on, comma-separated, of: {', '.join(PROSE_KINDS)}")
     p.add_argument("--reading-from", type=reading_layer, default=None, metavar="J|none",
-                   help="train with reading layers J..N-1 (the injected chunks re-encoded by the whole model join "
-                        "their self-attention; kernels/reading.py); default none")
+                   help="train with reading layers J..N-1 (the injected chunks' text, encoded by the whole model, "
+                        "joins their self-attention; kernels/reading.py); default none")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process without Ray (one worker: a single machine, e.g. a GPU box with no Ray)")
