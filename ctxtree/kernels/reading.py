@@ -31,6 +31,10 @@ from ctxtree.kernels.llama import KVCache, Llama
 from ctxtree.kernels.tree import ContextTree, injected_chunks
 
 
+class BeyondWindow(ValueError):
+    """More injected text than the base model's window: the request cannot be read."""
+
+
 def injected_text(trees: list[ContextTree], selections: list[Tensor]) -> Tensor:
     """[S] the tokens of the chunks a request injects, documents in order, chunks in order."""
     parts: list[Tensor] = []
@@ -53,7 +57,7 @@ def reading_kv(model: Llama, trees: list[ContextTree], selections: list[Tensor],
     text = injected_text(trees, selections)  # [S]
     s = text.numel()
     if s > cfg.max_position_embeddings:
-        raise ValueError(f"reading layers would read {s} tokens of injected chunks, more than the model's "
+        raise BeyondWindow(f"reading layers would read {s} tokens of injected chunks, more than the model's "
                          f"window ({cfg.max_position_embeddings}); inject fewer chunks (top_chunks, policy query)")
     if s == 0:
         empty = torch.zeros(n - first, cfg.num_key_value_heads, 0, cfg.head_dim, dtype=model.dtype, device=model.device)

@@ -52,10 +52,10 @@ class TrainConfig:
     out: str
     model: str | None = None
     init_adapter: str | None = None       # start from these weights (a fresh run only)
-    steps: int = 2000                     # length of the learning-rate schedule
+    steps: int = 200                      # length of the learning-rate schedule
     stop_at: int = 0                      # end the run at this step (0 = steps): a schedule cut short
     batch: int = 4
-    lr: float = 2e-3
+    lr: float = 5e-4
     min_lr_fraction: float = 0.1          # cosine decay to lr * this
     warmup: int = 20
     weight_decay: float = 0.0
@@ -67,21 +67,21 @@ class TrainConfig:
     pool_dir: str | None = None           # default <cache>/train-pool
     pool_size: int = 0                    # needle chunks, drawn at random; 0 = a fresh chunk every few examples
     needle_len: int = 0                   # needle chunk length in tokens; 0 = chunk_len (shorter: one-chunk documents)
-    facts_per_chunk: int = 2
+    facts_per_chunk: int = 4
     haystack_chunks: int = 512            # haystack chunks documents are drawn from; 0 = the whole split
     digits: tuple[int, int] = (3, 6)
-    value_kinds: tuple[str, ...] = ("digits",)  # what asked values look like (data.VALUE_KINDS)
-    max_chunks: int = 32                  # context chunks per document at the end of the curriculum
-    ramp_steps: int = 800                 # steps from 1 chunk per document to max_chunks
+    value_kinds: tuple[str, ...] = ("digits", "code", "word", "name", "date")  # asked values (data.VALUE_KINDS)
+    max_chunks: int = 8                   # context chunks per document at the end of the curriculum
+    ramp_steps: int = 0                   # steps from 1 chunk per document to max_chunks
     spread_fraction: float = 0.0          # two-document questions (needles from a pool: pool_size >= 2)
     oracle_fraction: float = 0.1          # examples routed to the answer's nodes (teacher routing)
-    top_chunks: int = 0                   # chunks search injects per question (0 = all); saved with the adapter
+    top_chunks: int = 2                   # chunks search injects per question (0 = all); saved with the adapter
     copy_head: bool = False               # train a copy head (a pointer over the injected tokens; kernels/inject.py)
     upper_rank: int = 0                   # low-rank adapters on q/v of layers M..N-1 (kernels/inject.py); 0 = none
-    reading_from: int | None = None       # reading layers J..N-1 (kernels/reading.py); None = none; needs top_chunks
+    reading_from: int | None = 0          # reading layers J..N-1 (kernels/reading.py); None = none; needs top_chunks
     train_cross_attn: bool = True         # False: only the copy head learns (the cross-attention keeps its weights)
-    prose_fraction: float = 0.0           # examples that are prose questions answered by the base model
-    prose_examples: int = 1024            # distinct prose examples (teacher answers made once, cached)
+    prose_fraction: float = 0.5           # examples that are prose questions answered by the base model
+    prose_examples: int = 2048            # distinct prose examples (teacher answers made once, cached)
     prose_needles: float = 0.4            # share of their passages that are needle chunks (facts, values)
     prose_kinds: tuple[str, ...] = ("template", "written")  # which of them are used (prose.KIND_CYCLE's kinds)
     prose_seed: int = 3                   # the prose set's seed: the teacher's answers cost 1.8 s each, stages share them
@@ -483,9 +483,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help=f"kinds of asked values, comma-separated, of: {', '.join(VALUE_KINDS)}")
     p.add_argument("--prose-kinds", default=",".join(defaults.prose_kinds),
                    help=f"kinds of prose questions trained on, comma-separated, of: {', '.join(PROSE_KINDS)}")
-    p.add_argument("--reading-from", type=reading_layer, default=None, metavar="J|none",
+    p.add_argument("--reading-from", type=reading_layer, default=defaults.reading_from, metavar="J|none",
                    help="train with reading layers J..N-1 (the injected chunks' text, encoded by the whole model, "
-                        "joins their self-attention; kernels/reading.py); default none")
+                        f"joins their self-attention; kernels/reading.py); 'none': without (default {defaults.reading_from})")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--no-ray", action="store_true",
                    help="train in this process without Ray (one worker: a single machine, e.g. a GPU box with no Ray)")
