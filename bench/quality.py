@@ -51,6 +51,7 @@ import torch
 from ctxtree.answer import answer_question
 from ctxtree.cli_args import add_model_args, tree_config
 from ctxtree.prompt import TEXT_QUESTION_PROMPT, chat_ids
+from ctxtree.kernels.reading import BeyondWindow
 from ctxtree.runtime import cache_dir, load_runtime, untrained_decoder
 from ctxtree.kernels.generate import SamplingConfig, generate
 from ctxtree.kernels.inject import InjectionDecoder, load_adapter
@@ -299,11 +300,14 @@ def main() -> None:
             level = None
             if method in INJECTED + ("zero", "reading"):
                 rt.decoder = decoders[method]
-                answer = answer_question(rt, trees, s.question, sampling,
-                                         policy=method if method in ("vector", "right") else "query")
-                ans = answer.text
-                level = [injected_level(trees[d], answer.selections[d], pos)
-                         for d, pos in s.answer_positions]
+                try:
+                    answer = answer_question(rt, trees, s.question, sampling,
+                                             policy=method if method in ("vector", "right") else "query")
+                    ans = answer.text
+                    level = [injected_level(trees[d], answer.selections[d], pos)
+                             for d, pos in s.answer_positions]
+                except BeyondWindow:  # reading layers and policy right (every chunk) past the window: refused
+                    ans = "(refused: more injected text than the model's window)"
             else:
                 texts = texts or s.texts(rt.tokenizer)
                 if method == "teacher":
